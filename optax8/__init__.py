@@ -1,0 +1,38 @@
+"""optax8: 8-bit optimizers for JAX, as optax ``GradientTransformation``\\ s.
+
+Optimizer state is stored blockwise-quantized (uint8 codes plus a float32 absmax per block),
+about 2 bytes per parameter for Adam instead of 8, with bitsandbytes' dynamic maps.
+"""
+
+from optax8._src.alias import adam8bit, adamw8bit, sgd8bit
+from optax8._src.labels import default_labels
+from optax8._src.quantization import (
+    SIGNED_MAP,
+    UNSIGNED_MAP,
+    QuantizedArray,
+    dequantize_blockwise,
+    dynamic_map,
+    quantize_blockwise,
+    state_bytes,
+)
+from optax8._src.transform import ScaleByAdam8bitState, Trace8bitState, scale_by_adam8bit, trace8bit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SIGNED_MAP",
+    "UNSIGNED_MAP",
+    "QuantizedArray",
+    "ScaleByAdam8bitState",
+    "Trace8bitState",
+    "adam8bit",
+    "adamw8bit",
+    "default_labels",
+    "dequantize_blockwise",
+    "dynamic_map",
+    "quantize_blockwise",
+    "scale_by_adam8bit",
+    "sgd8bit",
+    "state_bytes",
+    "trace8bit",
+]

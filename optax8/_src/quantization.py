@@ -1,0 +1,233 @@
+"""Blockwise 8-bit quantization with bitsandbytes' dynamic maps.
+
+A tensor ``s`` of shape ``(..., n)`` is cut into blocks of ``block_size`` elements along its
+last axis (the last block of a row may be short). Each block ``b`` stores one float32
+``absmax[..., b] = max |s|`` and one uint8 code per element::
+
+    code = nearest_code(s / absmax)          # nearest entry of a 256-entry map
+    s    ~ qmap[code] * absmax               # dequantization
+
+The codes keep the tensor's shape and ``absmax`` keeps its rank, so both can be sharded with
+the tensor's own ``PartitionSpec``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.resources
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "SIGNED_MAP",
+    "UNSIGNED_MAP",
+    "QuantizedArray",
+    "dequantize_blockwise",
+    "dynamic_map",
+    "encode_thresholds",
+    "num_blocks",
+    "quantize_blockwise",
+]
+
+
+def _load_maps() -> tuple[np.ndarray, np.ndarray]:
+  text = importlib.resources.files("optax8._src").joinpath("dynamic_maps.json").read_text()
+  table = json.loads(text)
+  to_f32 = lambda hexes: np.array([float.fromhex(h) for h in hexes], np.float32)
+  return to_f32(table["signed"]), to_f32(table["unsigned"])
+
+
+SIGNED_MAP, UNSIGNED_MAP = _load_maps()
+SIGNED_MAP.flags.writeable = False
+UNSIGNED_MAP.flags.writeable = False
+
+
+def dynamic_map(signed: bool) -> np.ndarray:
+  """Returns bitsandbytes' dynamic quantization map (256 float32 values, ascending).
+
+  The signed map holds 0 at index 127 and +1 at index 255 (there is no -1); the unsigned map
+  covers [0, 1]. Both are bit-identical to bitsandbytes 0.50's ``create_dynamic_map``.
+  """
+  return SIGNED_MAP if signed else UNSIGNED_MAP
+
+
+@functools.cache
+def encode_thresholds(signed: bool) -> np.ndarray:
+  """Float32 decision thresholds that make encoding an exact nearest-code search.
+
+  ``code(x) = #{k : x > t[k]}`` equals ``argmin_k |x - map[k]|`` computed exactly, with ties
+  going to the lower code. ``t[k]`` is the exact midpoint of ``map[k]`` and ``map[k+1]`` when
+  it is a float32, and otherwise the largest float32 below it, so that comparing a float32 with
+  ``t[k]`` decides the same as comparing it with the exact midpoint.
+
+  Args:
+    signed: which map.
+
+  Returns:
+    A read-only float32 array of 255 ascending thresholds.
+  """
+  qmap = dynamic_map(signed).astype(np.float64)
+  mid = (qmap[:-1] + qmap[1:]) / 2  # exact: adjacent float32s sum exactly in float64
+  t = mid.astype(np.float32)
+  above = t.astype(np.float64) > mid
+  t[above] = np.nextafter(t[above], np.float32(-np.inf))
+  t.flags.writeable = False
+  return t
+
+
+def num_blocks(n: int, block_size: int) -> int:
+  """Number of blocks along a last axis of length ``n``."""
+  return -(-n // block_size)
+
+
+def absmax_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
+  """Shape of the per-block absmax for a tensor of ``shape`` (rank >= 1)."""
+  return tuple(shape[:-1]) + (num_blocks(shape[-1], block_size),)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["codes", "absmax"],
+    meta_fields=["block_size", "signed"],
+)
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+  """An 8-bit blockwise-quantized float32 tensor.
+
+  A registered pytree: ``codes`` and ``absmax`` are its leaves; ``block_size`` and ``signed``
+  (which dynamic map) are static and live in the tree structure, so two states with other
+  block sizes or maps never unify, and ``jax.eval_shape`` describes one exactly.
+
+  Attributes:
+    codes: ``uint8[shape]``, one code per element.
+    absmax: ``float32[shape[:-1] + (ceil(shape[-1] / block_size),)]``.
+    block_size: elements per block along the last axis.
+    signed: ``True`` for the signed dynamic map, ``False`` for the unsigned one.
+  """
+
+  codes: jax.Array
+  absmax: jax.Array
+  block_size: int
+  signed: bool
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.codes.shape)
+
+  @property
+  def qmap(self) -> np.ndarray:
+    return dynamic_map(self.signed)
+
+  @classmethod
+  def zeros(cls, shape: tuple[int, ...], block_size: int, signed: bool) -> QuantizedArray:
+    """The quantized all-zero tensor (every code decodes to 0 because absmax is 0)."""
+    return cls(
+        codes=jnp.zeros(shape, jnp.uint8),
+        absmax=jnp.zeros(absmax_shape(shape, block_size), jnp.float32),
+        block_size=block_size,
+        signed=signed,
+    )
+
+
+def _check_block_size(block_size: int) -> None:
+  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+    raise TypeError(
+        f"block_size must be a Python int (a static value), got {block_size!r} of type "
+        f"{type(block_size).__name__}."
+    )
+  if block_size <= 0:
+    raise ValueError(f"block_size must be a positive int, got {block_size}.")
+
+
+def _blocked(x: jax.Array, block_size: int) -> jax.Array:
+  """Zero-pads the last axis to whole blocks and reshapes to ``(..., blocks, block_size)``."""
+  n = x.shape[-1]
+  nb = num_blocks(n, block_size)
+  pad = nb * block_size - n
+  if pad:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+  return x.reshape(x.shape[:-1] + (nb, block_size))
+
+
+def _unblocked(x: jax.Array, n: int) -> jax.Array:
+  return x.reshape(x.shape[:-2] + (-1,))[..., :n]
+
+
+def encode(x: jax.Array, signed: bool) -> jax.Array:
+  """Nearest code of each normalised float32 value ``x`` in ``[-1, 1]`` (ties to the lower code).
+
+  Signed map: a value whose sign differs from its code's (a negative value, or -0.0, that
+  rounds to the code of 0) moves one code towards its own sign, as bitsandbytes does.
+  """
+  thresholds = jnp.asarray(encode_thresholds(signed))
+  codes = jnp.searchsorted(thresholds, x, side="left", method="scan_unrolled")
+  if signed:
+    qmap = jnp.asarray(SIGNED_MAP)
+    wrong_sign = jnp.signbit(qmap[codes]) != jnp.signbit(x)
+    codes = jnp.where(wrong_sign, jnp.where(x > 0, codes + 1, codes - 1), codes)
+  return codes.astype(jnp.uint8)
+
+
+def quantize_blockwise(x: jax.Array, block_size: int = 256, *, signed: bool = True) -> QuantizedArray:
+  """Quantizes ``x`` blockwise along its last axis.
+
+  ``absmax`` is each block's largest magnitude; the codes are the nearest map entries of
+  ``x / absmax`` (IEEE float32 division). An all-zero block has absmax 0 and encodes to the
+  code of exact 0, so it decodes to zeros without NaN.
+
+  Args:
+    x: a floating array of rank >= 1 (float32, bfloat16 or float16; computed in float32).
+    block_size: elements per block along the last axis (a static positive int).
+    signed: use the signed dynamic map (for values of either sign) or the unsigned one
+      (for values >= 0).
+
+  Returns:
+    The :class:`QuantizedArray`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax8
+    >>> q = optax8.quantize_blockwise(jnp.linspace(-1.0, 1.0, 300), block_size=256)
+    >>> q.codes.shape, q.absmax.shape
+    ((300,), (2,))
+  """
+  _check_block_size(block_size)
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"quantize_blockwise needs a floating array, got dtype {x.dtype}.")
+  if x.ndim == 0:
+    raise ValueError("quantize_blockwise needs an array of rank >= 1, got a scalar.")
+  n = x.shape[-1]
+  blocks = _blocked(x.astype(jnp.float32), block_size)
+  absmax = jnp.max(jnp.abs(blocks), axis=-1, initial=0.0)
+  scale = jnp.where(absmax == 0, 1.0, absmax)[..., None]
+  codes = encode(blocks / scale, signed)
+  return QuantizedArray(_unblocked(codes, n), absmax, int(block_size), bool(signed))
+
+
+def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
+  """Decodes a :class:`QuantizedArray` to float32: ``qmap[codes] * absmax`` per block.
+
+  Example:
+    >>> import jax.numpy as jnp, optax8
+    >>> x = jnp.array([0.5, -0.25, 0.0, 2.0])
+    >>> y = optax8.dequantize_blockwise(optax8.quantize_blockwise(x, block_size=4))
+    >>> [round(float(v), 3) for v in y]
+    [0.495, -0.242, 0.0, 2.0]
+  """
+  n = q.codes.shape[-1]
+  values = jnp.asarray(q.qmap)[_blocked(q.codes, q.block_size).astype(jnp.int32)]
+  return _unblocked(values * q.absmax[..., None], n)
+
+
+def is_quantized(x: object) -> bool:
+  return isinstance(x, QuantizedArray)
+
+
+def state_bytes(tree) -> int:
+  """Bytes held by the arrays of a pytree (for example an optimizer state)."""
+  return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
