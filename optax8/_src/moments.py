@@ -91,14 +91,14 @@ def _check_param_dtype(label: str, dtype: Any) -> None:
     )
 
 
-def _init_moment(param: Any, options: Mapping[str, Any], signed: bool, dtype: Any) -> Any:
+def _init_moment(param: Any, options: Mapping[str, Any], signed: bool, dtype: Any, initial: Any) -> Any:
   shape = tuple(param.shape)
   quantize = (
       options["optim_bits"] == 8 and len(shape) >= 1 and math.prod(shape) >= options["min_8bit_size"]
   )
   if quantize:
-    return qz.QuantizedArray.zeros(shape, options["block_size"], signed)
-  return jnp.zeros(shape, dtype or jnp.float32)
+    return qz.QuantizedArray.full(shape, options["block_size"], signed, initial)
+  return jnp.full(shape, initial, dtype or jnp.float32)
 
 
 def reference_leaf_update(
@@ -175,9 +175,12 @@ def moment_transform(
     labels, options = options_for(params)
     for label, leaf in zip(labels, leaves):
       _check_param_dtype(label, leaf.dtype)
+    initial = family.initial or (None,) * len(family.signed)
     trees = [
-        treedef.unflatten([_init_moment(p, o, signed, dtype) for p, o in zip(leaves, options)])
-        for signed, dtype in zip(family.signed, moment_dtypes)
+        treedef.unflatten(
+            [_init_moment(p, o, signed, dtype, o[init] if init else 0.0) for p, o in zip(leaves, options)]
+        )
+        for signed, dtype, init in zip(family.signed, moment_dtypes, initial)
     ]
     count = (jnp.zeros([], jnp.int32),) if has_count else ()
     return state_cls(*count, *trees)

@@ -124,11 +124,17 @@ class QuantizedArray:
     return dynamic_map(self.signed)
 
   @classmethod
-  def zeros(cls, shape: tuple[int, ...], block_size: int, signed: bool) -> QuantizedArray:
-    """The quantized all-zero tensor (every code decodes to 0 because absmax is 0)."""
+  def full(cls, shape: tuple[int, ...], block_size: int, signed: bool, value: float = 0.0) -> QuantizedArray:
+    """``quantize_blockwise(jnp.full(shape, value))`` without computing it (``value >= 0``).
+
+    Both maps hold 1.0 at code 255, so a constant is that code times an absmax of ``value``;
+    zero is the code of exact 0 with absmax 0.
+    """
+    value = jnp.asarray(value, jnp.float32)
+    zero_code = 127 if signed else 0
     return cls(
-        codes=jnp.zeros(shape, jnp.uint8),
-        absmax=jnp.zeros(absmax_shape(shape, block_size), jnp.float32),
+        codes=jnp.full(shape, jnp.where(value == 0, zero_code, 255), jnp.uint8),
+        absmax=jnp.full(absmax_shape(shape, block_size), value, jnp.float32),
         block_size=block_size,
         signed=signed,
     )

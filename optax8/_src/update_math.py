@@ -17,9 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
-__all__ = ["ADAM", "MOMENTUM", "Family"]
+__all__ = ["ADAM", "ADAGRAD", "ADEMAMIX", "LION", "MOMENTUM", "RMSPROP", "Family"]
 
 f32 = jnp.float32
 
@@ -33,6 +34,7 @@ class Family(NamedTuple):
     elementwise: ``(g, moments, **scalars, **static) -> (update, moments)``.
     signed: for each moment, whether it uses the signed dynamic map.
     static: names of the static (bool) options ``elementwise`` takes.
+    initial: for each moment, the hyperparameter holding its initial value (``None``: 0).
   """
 
   name: str
@@ -40,6 +42,7 @@ class Family(NamedTuple):
   elementwise: Callable[..., tuple]
   signed: tuple[bool, ...]
   static: tuple[str, ...] = ()
+  initial: tuple[str | None, ...] | None = None
 
 
 def _as_f32(**values):
@@ -70,7 +73,7 @@ def _adam(g, moments, *, b1, b2, eps, eps_root, bc1, bc2, bc1_next, nesterov):
   m = b1 * m + (1 - b1) * g
   v = b2 * v + (1 - b2) * (g * g)
   if nesterov:
-    m_hat = b1 * m / bc1_next + (1 - b1) * g / bc1
+    m_hat = b1 * (m / bc1_next) + (1 - b1) * (g / bc1)
   else:
     m_hat = m / bc1
   v_hat = v / bc2
@@ -94,5 +97,94 @@ def _momentum(g, moments, *, decay, nesterov):
   return u, (s,)
 
 
+def _lion_scalars(count, *, b1, b2):
+  del count
+  return _as_f32(b1=b1, b2=b2)
+
+
+def _lion(g, moments, *, b1, b2):
+  r"""Lion, as :func:`optax.scale_by_lion`.
+
+  .. math::
+    u = \operatorname{sign}((1-\beta_1) g + \beta_1 m),\quad m \leftarrow (1-\beta_2) g + \beta_2 m
+  """
+  (m,) = moments
+  u = jnp.sign((1 - b1) * g + b1 * m)
+  return u, ((1 - b2) * g + b2 * m,)
+
+
+def _rms_scalars(count, *, decay, eps, initial_scale):
+  del initial_scale  # only sets the initial state
+  decay = jnp.asarray(decay, f32)
+  return _as_f32(decay=decay, eps=eps, bc=1 - decay**count)
+
+
+def _rms(g, moments, *, decay, eps, bc, eps_in_sqrt, bias_correction):
+  r"""RMSprop's scaling, as :func:`optax.scale_by_rms`.
+
+  .. math::
+    \nu \leftarrow (1-\rho) g^2 + \rho \nu,\quad
+    u = g / \sqrt{\hat\nu + \epsilon}\ \ (\text{or } g / (\sqrt{\hat\nu} + \epsilon))
+
+  with :math:`\hat\nu = \nu / (1-\rho^t)` under ``bias_correction``, else :math:`\nu`.
+  """
+  (nu,) = moments
+  nu = (1 - decay) * (g * g) + decay * nu
+  nu_hat = nu / bc if bias_correction else nu
+  u = g * jax.lax.rsqrt(nu_hat + eps) if eps_in_sqrt else g / (jnp.sqrt(nu_hat) + eps)
+  return u, (nu,)
+
+
+def _rss_scalars(count, *, eps, initial_accumulator_value):
+  del count, initial_accumulator_value  # the latter only sets the initial state
+  return _as_f32(eps=eps)
+
+
+def _rss(g, moments, *, eps):
+  r"""Adagrad's scaling, as :func:`optax.scale_by_rss`.
+
+  .. math::
+    s \leftarrow s + g^2,\quad u = g / \sqrt{s + \epsilon}\ \text{ where } s > 0,\ \text{else } 0
+  """
+  (s,) = moments
+  s = g * g + s
+  return jnp.where(s > 0, jax.lax.rsqrt(s + eps), 0.0) * g, (s,)
+
+
+def _ademamix_scalars(count, *, b1, b2, b3, alpha, eps, eps_root):
+  # b3 and alpha may be schedules of the 0-based step, as in optax.contrib.scale_by_ademamix.
+  b3 = b3(count - 1) if callable(b3) else b3
+  alpha = alpha(count - 1) if callable(alpha) else alpha
+  b1, b2 = jnp.asarray(b1, f32), jnp.asarray(b2, f32)
+  return _as_f32(b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps, eps_root=eps_root, bc1=1 - b1**count,
+                 bc2=1 - b2**count)
+
+
+def _ademamix(g, moments, *, b1, b2, b3, alpha, eps, eps_root, bc1, bc2):
+  r"""AdEMAMix, as :func:`optax.contrib.scale_by_ademamix`.
+
+  .. math::
+    m_1 \leftarrow (1-\beta_1) g + \beta_1 m_1,\quad m_2 \leftarrow (1-\beta_3) g + \beta_3 m_2,\quad
+    \nu \leftarrow (1-\beta_2) g^2 + \beta_2 \nu,\quad
+    u = \frac{m_1/(1-\beta_1^t) + \alpha m_2}{\sqrt{\nu/(1-\beta_2^t) + \epsilon_{root}} + \epsilon}
+
+  The slow moment :math:`m_2` is not bias-corrected.
+  """
+  m1, m2, nu = moments
+  m1 = (1 - b1) * g + b1 * m1
+  m2 = (1 - b3) * g + b3 * m2
+  nu = (1 - b2) * (g * g) + b2 * nu
+  u = (m1 / bc1 + alpha * m2) / (jnp.sqrt(nu / bc2 + eps_root) + eps)
+  return u, (m1, m2, nu)
+
+
 ADAM = Family("adam", _adam_scalars, _adam, signed=(True, False), static=("nesterov",))
 MOMENTUM = Family("momentum", _momentum_scalars, _momentum, signed=(True,), static=("nesterov",))
+LION = Family("lion", _lion_scalars, _lion, signed=(True,))
+# bitsandbytes stores RMSprop's and Adagrad's (non-negative) state with the signed map.
+RMSPROP = Family(
+    "rmsprop", _rms_scalars, _rms, signed=(True,), static=("eps_in_sqrt", "bias_correction"),
+    initial=("initial_scale",),
+)
+ADAGRAD = Family("adagrad", _rss_scalars, _rss, signed=(True,), initial=("initial_accumulator_value",))
+ADEMAMIX = Family("ademamix", _ademamix_scalars, _ademamix, signed=(True, True, False))
