@@ -4,7 +4,18 @@ Optimizer state is stored blockwise-quantized (uint8 codes plus a float32 absmax
 about 2 bytes per parameter for Adam instead of 8, with bitsandbytes' dynamic maps.
 """
 
-from optax8._src.alias import adam8bit, adamw8bit, sgd8bit
+from optax8._src.alias import (
+    adagrad8bit,
+    adam8bit,
+    adamw8bit,
+    ademamix8bit,
+    lamb8bit,
+    lars8bit,
+    lion8bit,
+    rmsprop8bit,
+    sgd8bit,
+)
+from optax8._src.clipping import PercentileClippingState, percentile_clipping
 from optax8._src.labels import default_labels
 from optax8._src.quantization import (
     SIGNED_MAP,
@@ -15,23 +26,52 @@ from optax8._src.quantization import (
     quantize_blockwise,
     state_bytes,
 )
-from optax8._src.transform import ScaleByAdam8bitState, Trace8bitState, scale_by_adam8bit, trace8bit
+from optax8._src.transform import (
+    ScaleByAdam8bitState,
+    ScaleByAdemamix8bitState,
+    ScaleByLion8bitState,
+    ScaleByRms8bitState,
+    ScaleByRss8bitState,
+    Trace8bitState,
+    scale_by_adam8bit,
+    scale_by_ademamix8bit,
+    scale_by_lion8bit,
+    scale_by_rms8bit,
+    scale_by_rss8bit,
+    trace8bit,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SIGNED_MAP",
     "UNSIGNED_MAP",
+    "PercentileClippingState",
     "QuantizedArray",
     "ScaleByAdam8bitState",
+    "ScaleByAdemamix8bitState",
+    "ScaleByLion8bitState",
+    "ScaleByRms8bitState",
+    "ScaleByRss8bitState",
     "Trace8bitState",
+    "adagrad8bit",
     "adam8bit",
     "adamw8bit",
+    "ademamix8bit",
     "default_labels",
     "dequantize_blockwise",
     "dynamic_map",
+    "lamb8bit",
+    "lars8bit",
+    "lion8bit",
+    "percentile_clipping",
     "quantize_blockwise",
+    "rmsprop8bit",
     "scale_by_adam8bit",
+    "scale_by_ademamix8bit",
+    "scale_by_lion8bit",
+    "scale_by_rms8bit",
+    "scale_by_rss8bit",
     "sgd8bit",
     "state_bytes",
     "trace8bit",

@@ -7,15 +7,25 @@ weight-decay masks and :func:`optax.inject_hyperparams` behave as they do in opt
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optax
 
 from optax8._src import labels as labels_lib
-from optax8._src import moments
-from optax8._src import transform
+from optax8._src import moments, transform
 
-__all__ = ["adam8bit", "adamw8bit", "sgd8bit"]
+__all__ = [
+    "adagrad8bit",
+    "adam8bit",
+    "adamw8bit",
+    "ademamix8bit",
+    "lamb8bit",
+    "lars8bit",
+    "lion8bit",
+    "rmsprop8bit",
+    "sgd8bit",
+]
 
 
 def adam8bit(
@@ -162,4 +172,311 @@ def sgd8bit(
           min_8bit_size=min_8bit_size, overrides=overrides, param_labels=param_labels,
       ),
       optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def lion8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    mu_dtype: Any = None,
+    weight_decay: float = 1e-3,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    *,
+    optim_bits: int = 8,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    overrides: labels_lib.Overrides | None = None,
+    param_labels: labels_lib.LabelSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Lion with an 8-bit momentum, the counterpart of :func:`optax.lion`.
+
+  ``chain(scale_by_lion8bit(b1, b2), add_decayed_weights(weight_decay, mask),
+  scale_by_learning_rate(lr))``: decoupled decay from the pre-update parameter.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1, b2, mu_dtype: as in :func:`optax.lion`.
+    weight_decay: >= 0 (default 1e-3, optax's).
+    mask: which parameters decay.
+    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax8
+    >>> tx = optax8.lion8bit(1e-4)
+    >>> state = tx.init({"w": jnp.zeros((64, 64))})
+    >>> state[0].mu["w"].signed
+    True
+  """
+  moments.check_non_negative("weight_decay", weight_decay)
+  return optax.chain(
+      transform.scale_by_lion8bit(
+          b1, b2, mu_dtype, optim_bits=optim_bits, block_size=block_size,
+          min_8bit_size=min_8bit_size, overrides=overrides, param_labels=param_labels,
+      ),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def rmsprop8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    decay: float = 0.9,
+    eps: float = 1e-8,
+    initial_scale: float = 0.0,
+    eps_in_sqrt: bool = True,
+    centered: bool = False,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    bias_correction: bool = False,
+    *,
+    optim_bits: int = 8,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    overrides: labels_lib.Overrides | None = None,
+    param_labels: labels_lib.LabelSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""RMSprop with 8-bit state, the counterpart of :func:`optax.rmsprop`.
+
+  ``chain(scale_by_rms8bit(...), scale_by_learning_rate(lr), trace8bit(momentum, nesterov))``,
+  the trace only when ``momentum`` is given; both states are 8-bit. The quantization options
+  of ``overrides`` apply to both states, its hyperparameters to the RMS scaling. For
+  bitsandbytes' RMSprop pass ``eps_in_sqrt=False``.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    decay, eps, initial_scale, eps_in_sqrt, bias_correction: as in :func:`optax.rmsprop`.
+    centered: must be ``False``: the centred variant is not offered in 8-bit (use
+      :func:`optax.rmsprop`).
+    momentum: momentum decay in [0, 1), or ``None``.
+    nesterov: Nesterov momentum.
+    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax8
+    >>> tx = optax8.rmsprop8bit(1e-2, momentum=0.9)
+    >>> state = tx.init({"w": jnp.zeros((64, 64))})
+    >>> state[0].nu["w"].codes.dtype, state[2].trace["w"].codes.dtype
+    (dtype('uint8'), dtype('uint8'))
+  """
+  if centered:
+    raise ValueError(
+        "rmsprop8bit: centered=True is not supported (it needs a third state); use optax.rmsprop "
+        "for the centred variant."
+    )
+  quant = dict(
+      optim_bits=optim_bits, block_size=block_size, min_8bit_size=min_8bit_size,
+      param_labels=param_labels,
+  )
+  rms = transform.scale_by_rms8bit(
+      decay, eps, initial_scale, eps_in_sqrt, bias_correction, overrides=overrides, **quant
+  )
+  if momentum is None:
+    return optax.chain(rms, optax.scale_by_learning_rate(learning_rate))
+  # The trace shares the quantization options; its own `decay` is `momentum`, not RMS's decay.
+  trace_overrides = overrides and {
+      pattern: {k: v for k, v in options.items() if k in labels_lib.QUANT_OPTIONS}
+      for pattern, options in overrides.items()
+  }
+  return optax.chain(
+      rms,
+      optax.scale_by_learning_rate(learning_rate),
+      transform.trace8bit(momentum, nesterov, overrides=trace_overrides, **quant),
+  )
+
+
+def adagrad8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    initial_accumulator_value: float = 0.1,
+    eps: float = 1e-7,
+    *,
+    optim_bits: int = 8,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    overrides: labels_lib.Overrides | None = None,
+    param_labels: labels_lib.LabelSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adagrad with an 8-bit accumulator, the counterpart of :func:`optax.adagrad`.
+
+  ``chain(scale_by_rss8bit(initial_accumulator_value, eps), scale_by_learning_rate(lr))``.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    initial_accumulator_value, eps: as in :func:`optax.adagrad`.
+    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax8
+    >>> tx = optax8.adagrad8bit(1e-2)
+    >>> state = tx.init({"w": jnp.zeros((64, 64))})
+    >>> round(float(optax8.dequantize_blockwise(state[0].sum_of_squares["w"])[0, 0]), 6)
+    0.1
+  """
+  return optax.chain(
+      transform.scale_by_rss8bit(
+          initial_accumulator_value, eps, optim_bits=optim_bits, block_size=block_size,
+          min_8bit_size=min_8bit_size, overrides=overrides, param_labels=param_labels,
+      ),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def ademamix8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: optax.ScalarOrSchedule = 0.9999,
+    alpha: optax.ScalarOrSchedule = 5.0,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: float = 0.0,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    *,
+    optim_bits: int = 8,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    overrides: labels_lib.Overrides | None = None,
+    param_labels: labels_lib.LabelSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdEMAMix with 8-bit moments, the counterpart of :func:`optax.contrib.ademamix`.
+
+  ``chain(scale_by_ademamix8bit(...), add_decayed_weights(weight_decay, mask),
+  scale_by_learning_rate(lr))``. For bitsandbytes' ``t_alpha``/``t_beta3`` warm-ups pass
+  schedules as ``alpha`` and ``b3``.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1, b2, b3, alpha, eps, eps_root, mu_dtype, weight_decay, mask: as in
+      :func:`optax.contrib.ademamix`.
+    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax8
+    >>> tx = optax8.ademamix8bit(1e-3)
+    >>> state = tx.init({"w": jnp.zeros((64, 64))})
+    >>> sorted(state[0]._fields)
+    ['count', 'm1', 'm2', 'nu']
+  """
+  moments.check_non_negative("weight_decay", weight_decay)
+  return optax.chain(
+      transform.scale_by_ademamix8bit(
+          b1, b2, b3, alpha, eps, eps_root, mu_dtype, optim_bits=optim_bits, block_size=block_size,
+          min_8bit_size=min_8bit_size, overrides=overrides, param_labels=param_labels,
+      ),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def lamb8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    eps_root: float = 0.0,
+    weight_decay: float = 0.0,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    *,
+    optim_bits: int = 8,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    overrides: labels_lib.Overrides | None = None,
+    param_labels: labels_lib.LabelSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""LAMB with 8-bit Adam moments, the counterpart of :func:`optax.lamb`.
+
+  ``chain(scale_by_adam8bit(...), add_decayed_weights(weight_decay, mask),
+  scale_by_trust_ratio(), scale_by_learning_rate(lr))``: optax's layer-wise trust ratio
+  :math:`\|p\| / \|u\|` (not bitsandbytes' clipped ``max_unorm`` rule).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1, b2, eps, eps_root, weight_decay, mask: as in :func:`optax.lamb`.
+    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax8
+    >>> tx = optax8.lamb8bit(1e-3)
+    >>> state = tx.init({"w": jnp.zeros((64, 64))})
+    >>> state[0].nu["w"].signed
+    False
+  """
+  moments.check_non_negative("weight_decay", weight_decay)
+  return optax.chain(
+      transform.scale_by_adam8bit(
+          b1, b2, eps, eps_root, optim_bits=optim_bits, block_size=block_size,
+          min_8bit_size=min_8bit_size, overrides=overrides, param_labels=param_labels,
+      ),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_trust_ratio(),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def lars8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = True,
+    trust_coefficient: float = 0.001,
+    eps: float = 0.0,
+    trust_ratio_mask: Any = True,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    *,
+    optim_bits: int = 8,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    overrides: labels_lib.Overrides | None = None,
+    param_labels: labels_lib.LabelSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""LARS with an 8-bit momentum trace, the counterpart of :func:`optax.lars`.
+
+  ``chain(add_decayed_weights(weight_decay, weight_decay_mask),
+  masked(scale_by_trust_ratio(trust_coefficient, eps), trust_ratio_mask),
+  scale_by_learning_rate(lr), trace8bit(momentum, nesterov))``, optax's composition.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    weight_decay, weight_decay_mask, trust_coefficient, eps, trust_ratio_mask, momentum,
+      nesterov: as in :func:`optax.lars`.
+    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax8
+    >>> tx = optax8.lars8bit(0.1)
+    >>> state = tx.init({"w": jnp.zeros((64, 64))})
+    >>> state[3].trace["w"].codes.shape
+    (64, 64)
+  """
+  moments.check_non_negative("weight_decay", weight_decay)
+  moments.check_non_negative("trust_coefficient", trust_coefficient)
+  moments.check_non_negative("eps", eps)
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps),
+                   mask=trust_ratio_mask),
+      optax.scale_by_learning_rate(learning_rate),
+      transform.trace8bit(
+          momentum, nesterov, optim_bits=optim_bits, block_size=block_size,
+          min_8bit_size=min_8bit_size, overrides=overrides, param_labels=param_labels,
+      ),
   )

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Mapping
-from typing import Any, Union
+from typing import Any
 
 import jax
 import numpy as np
 
 __all__ = ["LabelSpec", "Overrides", "default_labels", "resolve_labels"]
 
-LabelSpec = Union[None, Any, Callable[[Any], Any]]
+LabelSpec = Any  # None, a pytree of str, or a callable from params to one
 Overrides = Mapping[str, Mapping[str, Any]]
 
 # Options that look per-parameter but belong to optax's own tools.
@@ -97,7 +97,9 @@ def validate_overrides(
   if overrides is None:
     return {}
   if not isinstance(overrides, Mapping):
-    raise TypeError(f"overrides must be a mapping from label pattern to option dict, got {type(overrides).__name__}.")
+    raise TypeError(
+        f"overrides must be a mapping from label pattern to option dict, got {type(overrides).__name__}."
+    )
   checked = {}
   for pattern, options in overrides.items():
     if not isinstance(pattern, str):

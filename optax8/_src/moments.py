@@ -26,7 +26,7 @@ from optax8._src import labels as labels_lib
 from optax8._src import quantization as qz
 from optax8._src.update_math import Family
 
-__all__ = ["check_beta", "check_non_negative", "moment_transform"]
+__all__ = ["check_beta", "check_non_negative", "moment_transform", "schedule_or"]
 
 Validator = Callable[[str, Any], None]
 
@@ -52,6 +52,16 @@ def check_beta(name: str, value: Any) -> None:
 def check_non_negative(name: str, value: Any) -> None:
   """Raises unless ``value`` >= 0 (arrays pass: they may be traced)."""
   _check_number(name, value, lambda v: v >= 0.0, ">= 0")
+
+
+def schedule_or(check: Validator) -> Validator:
+  """A validator that accepts a schedule (a callable of the step) or what ``check`` accepts."""
+
+  def validate(name: str, value: Any) -> None:
+    if not callable(value):
+      check(name, value)
+
+  return validate
 
 
 def _check_int(name: str, value: Any, ok: Callable[[int], bool], allowed: str) -> None:
@@ -102,7 +112,11 @@ def _init_moment(param: Any, options: Mapping[str, Any], signed: bool, dtype: An
 
 
 def reference_leaf_update(
-    family: Family, static: Mapping[str, Any], g: jax.Array, moments: Sequence[Any], scalars: Mapping[str, jax.Array]
+    family: Family,
+    static: Mapping[str, Any],
+    g: jax.Array,
+    moments: Sequence[Any],
+    scalars: Mapping[str, jax.Array],
 ) -> tuple[jax.Array, list[Any]]:
   """One parameter's update in pure ``jax.numpy``: the oracle for the native kernels."""
   g32 = g.astype(jnp.float32)

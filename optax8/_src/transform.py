@@ -27,7 +27,20 @@ from optax8._src import labels as labels_lib
 from optax8._src import moments as moments_lib
 from optax8._src import update_math
 
-__all__ = ["ScaleByAdam8bitState", "Trace8bitState", "scale_by_adam8bit", "trace8bit"]
+__all__ = [
+    "ScaleByAdam8bitState",
+    "ScaleByAdemamix8bitState",
+    "ScaleByLion8bitState",
+    "ScaleByRms8bitState",
+    "ScaleByRss8bitState",
+    "Trace8bitState",
+    "scale_by_adam8bit",
+    "scale_by_ademamix8bit",
+    "scale_by_lion8bit",
+    "scale_by_rms8bit",
+    "scale_by_rss8bit",
+    "trace8bit",
+]
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -46,6 +59,35 @@ class Trace8bitState(NamedTuple):
   """State of :func:`trace8bit`: the momentum ``trace`` (params-shaped)."""
 
   trace: Any
+
+
+class ScaleByLion8bitState(NamedTuple):
+  """State of :func:`scale_by_lion8bit`: the step count and the momentum ``mu``."""
+
+  count: jax.Array
+  mu: Any
+
+
+class ScaleByRms8bitState(NamedTuple):
+  """State of :func:`scale_by_rms8bit`: the step count and the squared-gradient EMA ``nu``."""
+
+  count: jax.Array
+  nu: Any
+
+
+class ScaleByRss8bitState(NamedTuple):
+  """State of :func:`scale_by_rss8bit`: the running ``sum_of_squares`` of the gradients."""
+
+  sum_of_squares: Any
+
+
+class ScaleByAdemamix8bitState(NamedTuple):
+  """State of :func:`scale_by_ademamix8bit`: the step count, the fast and slow EMAs, ``nu``."""
+
+  count: jax.Array
+  m1: Any
+  m2: Any
+  nu: Any
 
 
 def scale_by_adam8bit(
@@ -166,6 +208,236 @@ def trace8bit(
       dict(decay=moments_lib.check_beta),
       static=dict(nesterov=bool(nesterov)),
       moment_dtypes=(accumulator_dtype,),
+      optim_bits=optim_bits,
+      block_size=block_size,
+      min_8bit_size=min_8bit_size,
+      overrides=overrides,
+      param_labels=param_labels,
+  )
+
+
+def scale_by_lion8bit(
+    b1: float = 0.9,
+    b2: float = 0.99,
+    mu_dtype: Any = None,
+    *,
+    optim_bits: int = 8,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    overrides: labels_lib.Overrides | None = None,
+    param_labels: labels_lib.LabelSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Lion's sign update with an 8-bit momentum, the counterpart of :func:`optax.scale_by_lion`.
+
+  .. math::
+    u_t = \operatorname{sign}((1-\beta_1) g_t + \beta_1 m_{t-1}),\quad
+    m_t = (1-\beta_2) g_t + \beta_2 m_{t-1}
+
+  The momentum is stored with the signed dynamic map.
+
+  Args:
+    b1: interpolation between gradient and momentum for the update, in [0, 1).
+    b2: decay of the momentum, in [0, 1).
+    mu_dtype: dtype of the momentum where it stays 32-bit (default float32).
+    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options (see
+      :func:`scale_by_adam8bit`); per-label keys ``b1``, ``b2``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax8
+    >>> tx = optax8.scale_by_lion8bit()
+    >>> state = tx.init({"w": jnp.zeros((16, 256))})
+    >>> updates, state = tx.update({"w": -jnp.ones((16, 256))}, state)
+    >>> float(updates["w"][0, 0])
+    -1.0
+  """
+  return moments_lib.moment_transform(
+      update_math.LION,
+      ScaleByLion8bitState,
+      dict(b1=b1, b2=b2),
+      dict(b1=moments_lib.check_beta, b2=moments_lib.check_beta),
+      moment_dtypes=(mu_dtype,),
+      optim_bits=optim_bits,
+      block_size=block_size,
+      min_8bit_size=min_8bit_size,
+      overrides=overrides,
+      param_labels=param_labels,
+  )
+
+
+def scale_by_rms8bit(
+    decay: float = 0.9,
+    eps: float = 1e-8,
+    initial_scale: float = 0.0,
+    eps_in_sqrt: bool = True,
+    bias_correction: bool = False,
+    *,
+    optim_bits: int = 8,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    overrides: labels_lib.Overrides | None = None,
+    param_labels: labels_lib.LabelSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""RMSprop's scaling with an 8-bit second moment, the counterpart of :func:`optax.scale_by_rms`.
+
+  .. math::
+    \nu_t = (1-\rho)\, g_t^2 + \rho\, \nu_{t-1},\quad
+    u_t = \frac{g_t}{\sqrt{\hat\nu_t + \epsilon}}
+    \ \ \Big(\text{or } \frac{g_t}{\sqrt{\hat\nu_t} + \epsilon}
+    \text{ with } \texttt{eps\_in\_sqrt=False}\Big)
+
+  :math:`\hat\nu_t = \nu_t / (1-\rho^t)` with ``bias_correction``, else :math:`\nu_t`.
+  Like bitsandbytes, the state is stored with the signed map (it is non-negative, so only
+  codes 127..255 are used).
+
+  Args:
+    decay: :math:`\rho`, in [0, 1).
+    eps: >= 0.
+    initial_scale: initial value of :math:`\nu`, >= 0.
+    eps_in_sqrt: where ``eps`` goes, as in optax.
+    bias_correction: divide by :math:`1-\rho^t`, as in optax.
+    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options (see
+      :func:`scale_by_adam8bit`); per-label keys ``decay``, ``eps``, ``initial_scale``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax8
+    >>> tx = optax8.scale_by_rms8bit(decay=0.0, eps=0.0)
+    >>> state = tx.init({"w": jnp.zeros((16, 256))})
+    >>> updates, state = tx.update({"w": jnp.full((16, 256), -3.0)}, state)
+    >>> float(updates["w"][0, 0])
+    -1.0
+  """
+  return moments_lib.moment_transform(
+      update_math.RMSPROP,
+      ScaleByRms8bitState,
+      dict(decay=decay, eps=eps, initial_scale=initial_scale),
+      dict(
+          decay=moments_lib.check_beta,
+          eps=moments_lib.check_non_negative,
+          initial_scale=moments_lib.check_non_negative,
+      ),
+      static=dict(eps_in_sqrt=bool(eps_in_sqrt), bias_correction=bool(bias_correction)),
+      optim_bits=optim_bits,
+      block_size=block_size,
+      min_8bit_size=min_8bit_size,
+      overrides=overrides,
+      param_labels=param_labels,
+  )
+
+
+def scale_by_rss8bit(
+    initial_accumulator_value: float = 0.1,
+    eps: float = 1e-7,
+    *,
+    optim_bits: int = 8,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    overrides: labels_lib.Overrides | None = None,
+    param_labels: labels_lib.LabelSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adagrad's scaling with an 8-bit accumulator, the counterpart of :func:`optax.scale_by_rss`.
+
+  .. math::
+    s_t = s_{t-1} + g_t^2,\quad u_t = \frac{g_t}{\sqrt{s_t + \epsilon}}\ \text{ where } s_t > 0,
+    \text{ else } 0
+
+  The accumulator is stored with the signed map, as bitsandbytes does.
+
+  Args:
+    initial_accumulator_value: initial value of :math:`s`, >= 0.
+    eps: >= 0.
+    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options (see
+      :func:`scale_by_adam8bit`); per-label keys ``initial_accumulator_value``, ``eps``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax8
+    >>> tx = optax8.scale_by_rss8bit(initial_accumulator_value=0.0, eps=0.0)
+    >>> state = tx.init({"w": jnp.zeros((16, 256))})
+    >>> updates, state = tx.update({"w": jnp.full((16, 256), 2.0)}, state)
+    >>> float(updates["w"][0, 0])
+    1.0
+  """
+  return moments_lib.moment_transform(
+      update_math.ADAGRAD,
+      ScaleByRss8bitState,
+      dict(initial_accumulator_value=initial_accumulator_value, eps=eps),
+      dict(initial_accumulator_value=moments_lib.check_non_negative, eps=moments_lib.check_non_negative),
+      optim_bits=optim_bits,
+      block_size=block_size,
+      min_8bit_size=min_8bit_size,
+      overrides=overrides,
+      param_labels=param_labels,
+  )
+
+
+def scale_by_ademamix8bit(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: optax.ScalarOrSchedule = 0.9999,
+    alpha: optax.ScalarOrSchedule = 6.0,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    *,
+    optim_bits: int = 8,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    overrides: labels_lib.Overrides | None = None,
+    param_labels: labels_lib.LabelSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdEMAMix with 8-bit moments, the counterpart of :func:`optax.contrib.scale_by_ademamix`.
+
+  .. math::
+    m_1 \leftarrow (1-\beta_1) g + \beta_1 m_1,\quad m_2 \leftarrow (1-\beta_3) g + \beta_3 m_2,\quad
+    \nu \leftarrow (1-\beta_2) g^2 + \beta_2 \nu,\quad
+    u = \frac{m_1/(1-\beta_1^t) + \alpha\, m_2}{\sqrt{\nu/(1-\beta_2^t) + \epsilon_{root}} + \epsilon}
+
+  :math:`m_1` and :math:`m_2` use the signed map, :math:`\nu` the unsigned one. ``b3`` and
+  ``alpha`` may be schedules of the 0-based step, as in optax.
+
+  Args:
+    b1: decay of the fast EMA, in [0, 1).
+    b2: decay of the second moment, in [0, 1).
+    b3: decay of the slow EMA, in [0, 1), or a schedule.
+    alpha: weight of the slow EMA, >= 0, or a schedule.
+    eps: >= 0.
+    eps_root: >= 0.
+    mu_dtype: dtype of the two EMAs where they stay 32-bit (default float32).
+    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options (see
+      :func:`scale_by_adam8bit`); per-label keys ``b1``, ``b2``, ``b3``, ``alpha``, ``eps``,
+      ``eps_root``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax8
+    >>> tx = optax8.scale_by_ademamix8bit()
+    >>> state = tx.init({"w": jnp.zeros((16, 256))})
+    >>> state.m2["w"].codes.dtype, state.nu["w"].signed
+    (dtype('uint8'), False)
+  """
+  return moments_lib.moment_transform(
+      update_math.ADEMAMIX,
+      ScaleByAdemamix8bitState,
+      dict(b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps, eps_root=eps_root),
+      dict(
+          b1=moments_lib.check_beta,
+          b2=moments_lib.check_beta,
+          b3=moments_lib.schedule_or(moments_lib.check_beta),
+          alpha=moments_lib.schedule_or(moments_lib.check_non_negative),
+          eps=moments_lib.check_non_negative,
+          eps_root=moments_lib.check_non_negative,
+      ),
+      moment_dtypes=(mu_dtype, mu_dtype, None),
       optim_bits=optim_bits,
       block_size=block_size,
       min_8bit_size=min_8bit_size,
