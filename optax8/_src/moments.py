@@ -30,6 +30,11 @@ __all__ = ["check_beta", "check_non_negative", "moment_transform", "schedule_or"
 
 Validator = Callable[[str, Any], None]
 
+# Defaults of the quantization options (bitsandbytes' optimizer defaults since 0.44).
+DEFAULT_OPTIM_BITS = 8
+DEFAULT_BLOCK_SIZE = 256
+DEFAULT_MIN_8BIT_SIZE = 4096
+
 
 def _is_array(value: Any) -> bool:
   return isinstance(value, (jax.Array, np.ndarray)) or hasattr(value, "aval")
@@ -143,9 +148,9 @@ def moment_transform(
     *,
     static: Mapping[str, Any] | None = None,
     moment_dtypes: Sequence[Any] | None = None,
-    optim_bits: int,
-    block_size: int,
-    min_8bit_size: int,
+    optim_bits: int | None,
+    block_size: int | None,
+    min_8bit_size: int | None,
     overrides: labels_lib.Overrides | None,
     param_labels: labels_lib.LabelSpec,
 ) -> optax.GradientTransformationExtraArgs:
@@ -159,13 +164,17 @@ def moment_transform(
     validators: a validator per hyperparameter name; also the per-label overridable names.
     static: static options passed to the family's elementwise math (e.g. ``nesterov``).
     moment_dtypes: dtype of each moment's 32-bit state (``None`` entries: float32).
-    optim_bits: 8 or 32, the default for every parameter.
-    block_size: default quantization block size.
-    min_8bit_size: parameters with fewer elements (global size) keep 32-bit state.
+    optim_bits: 8 or 32, the default for every parameter (``None``: 8).
+    block_size: default quantization block size (``None``: 256).
+    min_8bit_size: parameters with fewer elements (global size) keep 32-bit state
+      (``None``: 4096).
     overrides: label pattern -> option dict.
     param_labels: labels tree or callable; ``None`` for the tree paths.
   """
   static = dict(static or {})
+  optim_bits = DEFAULT_OPTIM_BITS if optim_bits is None else optim_bits
+  block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+  min_8bit_size = DEFAULT_MIN_8BIT_SIZE if min_8bit_size is None else min_8bit_size
   for name, value in hyperparams.items():
     validators[name](name, value)
   check_optim_bits("optim_bits", optim_bits)

@@ -3,17 +3,19 @@
 Each takes the algorithm's own hyperparameters (same names and defaults as optax) and the
 quantization options, all keyword-only after ``*``:
 
-* ``optim_bits`` (8 or 32): 32 keeps every moment in float32.
-* ``block_size``: elements per quantization block along each parameter's last axis.
-* ``min_8bit_size``: parameters with fewer elements (their global size, whatever the
-  sharding) keep float32 moments, as do scalars.
+* ``optim_bits`` (8 or 32, default 8): 32 keeps every moment in float32.
+* ``block_size`` (default 256): elements per quantization block along each parameter's last
+  axis.
+* ``min_8bit_size`` (default 4096): parameters with fewer elements (their global size,
+  whatever the sharding) keep float32 moments, as do scalars.
 * ``overrides``: ``{label pattern: {option: value}}`` for per-parameter quantization options
   and hyperparameters (see :mod:`optax8._src.labels` for labels and matching).
 * ``param_labels``: the labels, as a tree of strings or a callable of the params; by default
   each parameter's ``/``-joined tree path.
 
-Under :func:`optax.inject_hyperparams`, the float hyperparameters may change every step
-without recompiling; pass integer options through ``static_args``.
+``None`` stands for the default, so that :func:`optax.inject_hyperparams` leaves these
+options static: the float hyperparameters may then change every step without recompiling. To
+set an integer option under ``inject_hyperparams``, list it in ``static_args``.
 """
 
 from __future__ import annotations
@@ -98,9 +100,9 @@ def scale_by_adam8bit(
     mu_dtype: Any = None,
     *,
     nesterov: bool = False,
-    optim_bits: int = 8,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    optim_bits: int | None = None,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -123,9 +125,9 @@ def scale_by_adam8bit(
     eps_root: added inside the square root, >= 0.
     mu_dtype: dtype of the first moment where it stays 32-bit (default float32).
     nesterov: use Nesterov momentum, as optax does.
-    optim_bits: 8, or 32 for float32 moments everywhere.
-    block_size: quantization block size along the last axis.
-    min_8bit_size: parameters with fewer elements keep float32 moments.
+    optim_bits: 8 (default), or 32 for float32 moments everywhere.
+    block_size: quantization block size along the last axis (default 256).
+    min_8bit_size: parameters with fewer elements keep float32 moments (default 4096).
     overrides: per-label options: ``optim_bits``, ``block_size``, ``min_8bit_size``, ``b1``,
       ``b2``, ``eps``, ``eps_root``.
     param_labels: labels tree or callable (default: tree paths).
@@ -167,9 +169,9 @@ def trace8bit(
     nesterov: bool = False,
     accumulator_dtype: Any = None,
     *,
-    optim_bits: int = 8,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    optim_bits: int | None = None,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -184,9 +186,9 @@ def trace8bit(
     decay: the momentum :math:`\mu`, in [0, 1).
     nesterov: use Nesterov momentum.
     accumulator_dtype: dtype of the trace where it stays 32-bit (default float32).
-    optim_bits: 8, or 32 for a float32 trace everywhere.
-    block_size: quantization block size along the last axis.
-    min_8bit_size: parameters with fewer elements keep a float32 trace.
+    optim_bits: 8 (default), or 32 for a float32 trace everywhere.
+    block_size: quantization block size along the last axis (default 256).
+    min_8bit_size: parameters with fewer elements keep a float32 trace (default 4096).
     overrides: per-label options: ``optim_bits``, ``block_size``, ``min_8bit_size``, ``decay``.
     param_labels: labels tree or callable (default: tree paths).
 
@@ -221,9 +223,9 @@ def scale_by_lion8bit(
     b2: float = 0.99,
     mu_dtype: Any = None,
     *,
-    optim_bits: int = 8,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    optim_bits: int | None = None,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -274,9 +276,9 @@ def scale_by_rms8bit(
     eps_in_sqrt: bool = True,
     bias_correction: bool = False,
     *,
-    optim_bits: int = 8,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    optim_bits: int | None = None,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -334,9 +336,9 @@ def scale_by_rss8bit(
     initial_accumulator_value: float = 0.1,
     eps: float = 1e-7,
     *,
-    optim_bits: int = 8,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    optim_bits: int | None = None,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -387,9 +389,9 @@ def scale_by_ademamix8bit(
     eps_root: float = 0.0,
     mu_dtype: Any = None,
     *,
-    optim_bits: int = 8,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    optim_bits: int | None = None,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
