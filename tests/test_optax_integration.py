@@ -26,7 +26,8 @@ def make_grads(params, seed=1):
 
 
 def small_threshold(name):
-  return CASES_BY_NAME[name].make(min_8bit_size=1000)
+  case = CASES_BY_NAME[name]
+  return case.make(case.lr, min_8bit_size=1000)
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)

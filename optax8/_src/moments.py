@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from optax8._src import labels as labels_lib
+from optax8._src import native
 from optax8._src import quantization as qz
 from optax8._src.update_math import Family
 
@@ -106,14 +107,22 @@ def _check_param_dtype(label: str, dtype: Any) -> None:
     )
 
 
+def _block_size_if_quantized(shape: tuple[int, ...], options: Mapping[str, Any]) -> int | None:
+  """The block size of a parameter's 8-bit moments, or ``None`` where they stay 32-bit."""
+  quantize = options["optim_bits"] == 8 and len(shape) >= 1 and math.prod(shape) >= options["min_8bit_size"]
+  return options["block_size"] if quantize else None
+
+
 def _init_moment(param: Any, options: Mapping[str, Any], signed: bool, dtype: Any, initial: Any) -> Any:
   shape = tuple(param.shape)
-  quantize = (
-      options["optim_bits"] == 8 and len(shape) >= 1 and math.prod(shape) >= options["min_8bit_size"]
-  )
-  if quantize:
-    return qz.QuantizedArray.full(shape, options["block_size"], signed, initial)
+  block_size = _block_size_if_quantized(shape, options)
+  if block_size is not None:
+    return qz.QuantizedArray.full(shape, block_size, signed, initial)
   return jnp.full(shape, initial, dtype or jnp.float32)
+
+
+def _describe(block_size: int | None) -> str:
+  return "32-bit state" if block_size is None else f"8-bit state of block size {block_size}"
 
 
 def reference_leaf_update(
@@ -234,12 +243,21 @@ def moment_transform(
               f"{state_cls.__name__}.{field} for {label!r} has shape {tuple(leaves[i].shape)}, "
               f"but its update has shape {tuple(g.shape)}."
           )
+        held = leaves[i].block_size if qz.is_quantized(leaves[i]) else None
+        expected = _block_size_if_quantized(tuple(g.shape), options[i])
+        if held != expected:
+          raise ValueError(
+              f"{state_cls.__name__}.{field} for {label!r} holds {_describe(held)}, but this "
+              f"optimizer expects {_describe(expected)}; was the state made with other options?"
+          )
     count = optax.safe_increment(state.count) if has_count else jnp.ones([], jnp.int32)
     hyper_names = tuple(hyperparams)
     new_updates, new_moments = [], [[] for _ in moment_fields]
     for i, g in enumerate(g_leaves):
       scalars = family.scalars(count, **{k: options[i][k] for k in hyper_names})
-      u, stored = reference_leaf_update(family, static, g, [leaves[i] for leaves in moments], scalars)
+      u, stored = native.leaf_update(
+          reference_leaf_update, family, static, g, [leaves[i] for leaves in moments], scalars
+      )
       new_updates.append(u)
       for acc, s in zip(new_moments, stored):
         acc.append(s)

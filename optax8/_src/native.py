@@ -1,0 +1,238 @@
+"""The native CPU kernel: loading it, choosing it, and calling it.
+
+optax8 computes each parameter's 8-bit update in one of two ways, with the same results:
+
+* the reference, :func:`optax8._src.moments.reference_leaf_update`, in pure ``jax.numpy``;
+  it runs on every backend;
+* the native kernel, C++ called through the XLA FFI (``custom_calls/optax8_cpu.cc``): one
+  fused, multi-threaded call per parameter that reads the gradient and the quantized state
+  once and writes the update and the new state once, in place.
+
+By default (``"auto"``) a parameter whose moments are all 8-bit uses the kernel when the
+computation runs on CPU, and the reference on any other platform
+(``jax.lax.platform_dependent``). :func:`set_implementation` or the environment variable
+``OPTAX8_IMPLEMENTATION`` choose otherwise. The shared library is loaded and registered with
+``jax.ffi`` the first time an update is traced, never at import. If it is missing, or was
+built for an incompatible jaxlib, optax8 warns once and uses the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.resources
+import os
+import pathlib
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from optax8._src import quantization as qz
+
+__all__ = ["get_implementation", "leaf_update", "set_implementation"]
+
+IMPLEMENTATIONS = ("auto", "reference", "native")
+IMPLEMENTATION_ENV = "OPTAX8_IMPLEMENTATION"
+LIBRARY_ENV = "OPTAX8_NATIVE_LIBRARY"
+LIBRARY_NAME = "liboptax8_cpu" + (".dll" if sys.platform == "win32" else ".so")
+# Versioned: a future change of operands or attributes gets a new name.
+TARGET = "optax8.update.v1"
+
+# Each family's per-step scalars in the order the kernel reads them (optax8_math.h).
+SCALAR_ORDER = {
+    "adam": ("b1", "b2", "eps", "eps_root", "bc1", "bc2", "bc1_next"),
+    "momentum": ("decay",),
+    "lion": ("b1", "b2"),
+    "rmsprop": ("decay", "eps", "bc"),
+    "adagrad": ("eps",),
+    "ademamix": ("b1", "b2", "b3", "alpha", "eps", "eps_root", "bc1", "bc2"),
+}
+# Static options, as bits of the kernel's `flags` attribute.
+FLAG_BITS = {"nesterov": 1, "eps_in_sqrt": 2, "bias_correction": 4}
+KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+_lock = threading.Lock()
+_implementation: str | None = None
+_problem: str | None = None  # why the kernel is unusable ("" when usable); None until tried
+_library: ctypes.CDLL | None = None  # kept referenced: XLA calls into it
+_warned = False
+
+
+def set_implementation(name: str | None) -> None:
+  """Chooses how optax8 computes 8-bit updates from now on.
+
+  * ``"auto"`` (default): the native kernel on CPU, the reference elsewhere;
+  * ``"reference"``: always the pure ``jax.numpy`` reference;
+  * ``"native"``: like ``"auto"``, but raise instead of falling back when the native library
+    cannot be loaded.
+
+  The choice is made when an update is traced: functions already compiled by ``jax.jit``
+  keep the implementation they were traced with.
+
+  Args:
+    name: one of the above, or ``None`` to follow the ``OPTAX8_IMPLEMENTATION``
+      environment variable again (``"auto"`` when unset).
+
+  Example:
+    >>> import optax8
+    >>> optax8.set_implementation("reference")
+    >>> optax8.get_implementation()
+    'reference'
+    >>> optax8.set_implementation(None)
+  """
+  global _implementation
+  if name is not None and name not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {name!r}.")
+  _implementation = name
+
+
+def get_implementation() -> str:
+  """The implementation in effect: :func:`set_implementation`'s, else the environment's."""
+  if _implementation is not None:
+    return _implementation
+  name = os.environ.get(IMPLEMENTATION_ENV, "").strip().lower() or "auto"
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"{IMPLEMENTATION_ENV}={name!r}: expected one of {IMPLEMENTATIONS}.")
+  return name
+
+
+def _library_path() -> pathlib.Path:
+  override = os.environ.get(LIBRARY_ENV)
+  if override:
+    return pathlib.Path(override)
+  return pathlib.Path(str(importlib.resources.files("optax8") / LIBRARY_NAME))
+
+
+def _load() -> str:
+  """Loads and registers the kernel; returns why it is unusable, or "" when it is usable."""
+  global _library
+  try:
+    # Register only after the CPU backend exists: registering an incompatible handler
+    # before backend initialisation would make the backend itself fail to start.
+    jax.devices("cpu")
+  except RuntimeError:
+    return "no CPU backend"
+  path = _library_path()
+  if not path.is_file():
+    return f"{path} does not exist (optax8 was installed without its native kernel)"
+  try:
+    library = ctypes.CDLL(str(path))
+    built_for = library.Optax8FfiApiVersion()
+    handler = jax.ffi.pycapsule(library.Optax8CpuUpdate)
+  except (OSError, AttributeError) as e:
+    return f"cannot load {path}: {e}"
+  try:
+    jax.ffi.register_ffi_target(TARGET, handler, platform="cpu")
+  except Exception as e:  # noqa: BLE001 - XLA reports version skew with its own error types
+    return (
+        f"jaxlib {jaxlib.__version__} rejected {path}, built for XLA FFI API "
+        f"{built_for // 1000}.{built_for % 1000}: {e}"
+    )
+  _library = library
+  return ""
+
+
+def _kernel_usable() -> bool:
+  """Whether the kernel is registered; loads it on first use, warns once if it cannot."""
+  global _problem, _warned
+  with _lock:
+    if _problem is None:
+      _problem = _load()
+    problem, warn = _problem, bool(_problem) and not _warned and _problem != "no CPU backend"
+    _warned = _warned or warn
+  if problem and get_implementation() == "native":
+    raise RuntimeError(f"optax8: the native kernel was requested but is unusable: {problem}")
+  if warn:
+    warnings.warn(
+        f"optax8: the native CPU kernel is unusable ({problem}); using the pure-JAX reference "
+        f"implementation instead (same results, slower). Set {IMPLEMENTATION_ENV}=reference "
+        "to choose it explicitly.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+  return not problem
+
+
+def _kernel_applies(family: Any, static: Mapping[str, Any], g: jax.Array, moments: Sequence[Any],
+                    scalars: Mapping[str, Any]) -> bool:
+  if get_implementation() == "reference":
+    return False
+  order = SCALAR_ORDER.get(family.name)
+  return (
+      order is not None
+      and set(scalars) == set(order)
+      and all(jnp.ndim(v) == 0 for v in scalars.values())
+      and set(static) <= set(FLAG_BITS)
+      and all(qz.is_quantized(m) for m in moments)
+      and tuple(m.signed for m in moments) == tuple(family.signed)
+      and len({m.block_size for m in moments}) == 1
+      and jnp.dtype(g.dtype) in KERNEL_DTYPES
+      and _kernel_usable()
+  )
+
+
+def _kernel_update(family: Any, static: Mapping[str, Any], g: jax.Array, moments: Sequence[qz.QuantizedArray],
+                   scalars: Mapping[str, jax.Array]) -> tuple[jax.Array, list[qz.QuantizedArray]]:
+  """One parameter's update as one FFI call (XLA:CPU only)."""
+  hp = jnp.stack([jnp.asarray(scalars[name], jnp.float32) for name in SCALAR_ORDER[family.name]])
+  state = [x for m in moments for x in (m.codes, m.absmax)]
+  call = jax.ffi.ffi_call(
+      TARGET,
+      [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (g, *state)],
+      # Batched operands are just more rows; hp[..., K] batches with them.
+      vmap_method="broadcast_all",
+      # In place: the update overwrites g, the new state the old one (given donation).
+      input_output_aliases={0: 0, **{i + 2: i + 1 for i in range(len(state))}},
+  )
+  update, *new_state = call(
+      g, hp, *state,
+      family=family.name,
+      block_size=np.int64(moments[0].block_size),
+      flags=np.int64(sum(bit for name, bit in FLAG_BITS.items() if static.get(name))),
+      signed=np.int64(sum(1 << k for k, m in enumerate(moments) if m.signed)),
+  )
+  return update, [
+      qz.QuantizedArray(new_state[2 * k], new_state[2 * k + 1], m.block_size, m.signed)
+      for k, m in enumerate(moments)
+  ]
+
+
+def leaf_update(
+    reference: Callable[..., tuple[jax.Array, list[Any]]],
+    family: Any,
+    static: Mapping[str, Any],
+    g: jax.Array,
+    moments: Sequence[Any],
+    scalars: Mapping[str, jax.Array],
+) -> tuple[jax.Array, list[Any]]:
+  """One parameter's update: the native kernel on CPU where it applies, else ``reference``.
+
+  The kernel applies when every moment of the parameter is a :class:`~optax8.QuantizedArray`,
+  the gradient is float32, bfloat16 or float16, the implementation is not ``"reference"``
+  and the library is usable.
+
+  Args:
+    reference: ``reference(family, static, g, moments, scalars) -> (update, moments)``.
+    family: the optimizer family (``update_math.Family``).
+    static: the family's static options.
+    g: the parameter's gradient.
+    moments: the parameter's moments (quantized or float32).
+    scalars: ``family.scalars(...)``, the per-step float32 scalars.
+
+  Returns:
+    The update, in ``g``'s dtype, and the new moments.
+  """
+  if not _kernel_applies(family, static, g, moments, scalars):
+    return reference(family, static, g, moments, scalars)
+  return jax.lax.platform_dependent(
+      g, list(moments), dict(scalars),
+      cpu=functools.partial(_kernel_update, family, static),
+      default=functools.partial(reference, family, static),
+  )

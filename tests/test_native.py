@@ -1,0 +1,344 @@
+"""The native CPU kernel against the pure-JAX reference, and its loading, dispatch and build."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax8
+from optax8._src import moments as moments_lib
+from optax8._src import native, update_math
+from optax8._src import quantization as qz
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# family, static options, hyperparameters.
+FAMILIES = {
+    "adam": (update_math.ADAM, {"nesterov": False}, dict(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0)),
+    "adam_nesterov": (update_math.ADAM, {"nesterov": True}, dict(b1=0.8, b2=0.99, eps=1e-6, eps_root=1e-9)),
+    "momentum": (update_math.MOMENTUM, {"nesterov": False}, dict(decay=0.9)),
+    "momentum_nesterov": (update_math.MOMENTUM, {"nesterov": True}, dict(decay=0.7)),
+    "lion": (update_math.LION, {}, dict(b1=0.9, b2=0.99)),
+    **{
+        f"rmsprop_{sqrt:d}{correct:d}": (
+            update_math.RMSPROP,
+            {"eps_in_sqrt": sqrt, "bias_correction": correct},
+            dict(decay=0.9, eps=1e-6, initial_scale=0.0),
+        )
+        for sqrt in (False, True)
+        for correct in (False, True)
+    },
+    "adagrad": (update_math.ADAGRAD, {}, dict(eps=1e-7, initial_accumulator_value=0.1)),
+    "ademamix": (
+        update_math.ADEMAMIX,
+        {},
+        dict(b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, eps_root=0.0),
+    ),
+}
+NON_NEGATIVE = ("rmsprop", "adagrad")  # families whose (signed-map) state is >= 0
+
+
+def random_moments(rng, family, shape, block_size):
+  """Quantized moments with realistic signs, and an all-zero first block."""
+  out = []
+  for signed in family.signed:
+    x = rng.standard_normal(shape).astype(np.float32) * np.float32(rng.uniform(1e-4, 10.0))
+    if not signed:
+      x = x * x
+    elif family.name in NON_NEGATIVE:
+      x = np.abs(x)
+    x[..., :block_size] = 0.0
+    out.append(qz.quantize_blockwise(jnp.asarray(x), block_size, signed=signed))
+  return out
+
+
+def random_gradient(rng, shape, dtype, block_size):
+  """A gradient with non-finite and subnormal elements, zero where the moments' first block is."""
+  g = rng.standard_normal(shape).astype(np.float32) * np.float32(0.1)
+  g[..., :block_size] = 0.0
+  flat = g.reshape(-1)
+  n = flat.size
+  flat[rng.integers(0, n, 4)] = np.nan
+  flat[rng.integers(0, n, 2)] = np.inf
+  flat[rng.integers(0, n, 2)] = -np.inf
+  flat[rng.integers(0, n, 2)] = 1e-40  # a float32 subnormal: XLA flushes it to zero
+  return jnp.asarray(g).astype(dtype)
+
+
+def both(family, static, g, moments, scalars):
+  """(kernel, reference) results of one leaf update, compiled together."""
+  assert native._kernel_usable(), "the native library did not load"
+
+  def f(g, moments, scalars):
+    return (
+        native._kernel_update(family, static, g, moments, scalars),
+        moments_lib.reference_leaf_update(family, static, g, moments, scalars),
+    )
+
+  return jax.jit(f)(g, moments, scalars)
+
+
+def assert_same(kernel, reference, rtol=2e-6):
+  (u_kernel, m_kernel), (u_ref, m_ref) = kernel, reference
+  for a, b in zip(m_kernel, m_ref):
+    np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
+    np.testing.assert_array_equal(np.asarray(a.absmax), np.asarray(b.absmax))
+  assert u_kernel.dtype == u_ref.dtype and u_kernel.shape == u_ref.shape
+  np.testing.assert_allclose(
+      np.asarray(u_kernel, np.float32), np.asarray(u_ref, np.float32), rtol=rtol, atol=1e-30
+  )
+
+
+def leaf_case(name, shape, dtype=jnp.float32, block_size=128, count=3, seed=0):
+  family, static, hyper = FAMILIES[name]
+  rng = np.random.default_rng(seed)
+  moments = random_moments(rng, family, shape, block_size)
+  g = random_gradient(rng, shape, dtype, block_size)
+  return family, static, g, moments, family.scalars(jnp.int32(count), **hyper)
+
+
+@pytest.fixture(autouse=True)
+def _auto_implementation():
+  native.set_implementation(None)
+  yield
+  native.set_implementation(None)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_kernel_matches_reference_for_every_family(name):
+  assert_same(*both(*leaf_case(name, (2, 3, 300))))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("name", ["adam", "rmsprop_11"])
+def test_gradient_dtypes(name, dtype):
+  kernel, reference = both(*leaf_case(name, (4, 500), dtype))
+  assert kernel[0].dtype == dtype
+  # The float32 updates agree to rsqrt's last bits; rounding to the dtype may move one ulp.
+  assert_same(kernel, reference, rtol=float(jnp.finfo(dtype).eps) if dtype != jnp.float32 else 2e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, block_size",
+    [((1000,), 64), ((7, 33), 32), ((5, 100), 256), ((2, 3, 257), 256), ((2, 2, 3, 130), 64), ((4096,), 4096),
+     ((3, 1), 8)],
+)
+def test_shapes_and_block_sizes(shape, block_size):
+  assert_same(*both(*leaf_case("ademamix", shape, block_size=block_size)))
+
+
+def test_overflowing_moments_give_the_references_nan_state():
+  family, static, g, moments, scalars = leaf_case("adam", (2, 256))
+  g = g.at[0, 200].set(1e30)  # g*g overflows: an infinite v, so a NaN absmax and NaN codes
+  kernel, reference = both(family, static, g, moments, scalars)
+  assert np.isinf(np.asarray(reference[1][1].absmax)).any()
+  assert_same(kernel, reference)
+
+
+def test_several_steps_of_every_optimizer_match_the_reference():
+  params = {"w": jnp.ones((16, 700)), "v": jnp.ones((5000,)), "small": jnp.ones((10,))}
+  optimizers = {
+      "adam": optax8.adam8bit(1e-2),
+      "nesterov": optax8.sgd8bit(1e-2, momentum=0.9, nesterov=True),
+      "adamw": optax8.adamw8bit(1e-2, weight_decay=0.1, block_size=64),
+  }
+  rng = np.random.default_rng(1)
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params) for _ in range(4)]
+  for name, tx in optimizers.items():
+    results = {}
+    for impl in ("native", "reference"):
+      native.set_implementation(impl)
+      state, update = tx.init(params), jax.jit(tx.update)
+      for g in grads:
+        u, state = update(g, state, params)
+      results[impl] = (u, state)
+    # Identical states; updates equal to float32 rounding.
+    (u_native, state_native), (u_ref, state_ref) = results["native"], results["reference"]
+    for a, b in zip(jax.tree.leaves(state_native), jax.tree.leaves(state_ref)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    for a, b in zip(jax.tree.leaves(u_native), jax.tree.leaves(u_ref)):
+      np.testing.assert_allclose(a, b, rtol=2e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("batched_scalars", [False, True])
+def test_vmap(batched_scalars):
+  family, static, _, _, _ = leaf_case("adam", (3, 200))
+  rng = np.random.default_rng(2)
+  gs = jnp.stack([random_gradient(rng, (3, 200), jnp.float32, 64) for _ in range(4)])
+  ms = [jax.tree.map(lambda *x: jnp.stack(x), *ms) for ms in zip(*(random_moments(rng, family, (3, 200), 64)
+                                                                     for _ in range(4)))]
+  b1 = jnp.array([0.9, 0.8, 0.7, 0.95]) if batched_scalars else jnp.float32(0.9)
+  scalars_of = lambda b1: family.scalars(jnp.int32(5), b1=b1, b2=0.999, eps=1e-8, eps_root=0.0)
+
+  def run(fn):
+    update = lambda g, m, b1: fn(family, static, g, m, scalars_of(b1))
+    return jax.jit(jax.vmap(update, in_axes=(0, 0, 0 if batched_scalars else None)))(gs, ms, b1)
+
+  assert native._kernel_usable()
+  kernel = run(native._kernel_update)
+  assert "optax8.update.v1" in jax.jit(jax.vmap(lambda g, m: native._kernel_update(
+      family, static, g, m, scalars_of(0.9)))).lower(gs, ms).as_text()
+  assert_same(kernel, run(moments_lib.reference_leaf_update))
+
+
+def adam_step(tx):
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def test_donated_step_updates_in_place_without_float32_temporaries():
+  params = {"w": jnp.ones((256, 1024))}
+  tx = optax8.adam8bit(1e-3)
+  state = tx.init(params)
+  grads = {"w": jnp.full((256, 1024), 0.5)}
+  compiled = adam_step(tx).lower(params, state, grads).compile()
+  assert "optax8.update.v1" in compiled.as_text()
+  stats = compiled.memory_analysis()
+  param_bytes = 256 * 1024 * 4
+  assert stats.temp_size_in_bytes < param_bytes // 100
+  assert stats.alias_size_in_bytes >= param_bytes + qz.state_bytes(state) - 4  # all but the count
+  mu = state[0].mu["w"]
+  before = mu.codes.unsafe_buffer_pointer(), mu.absmax.unsafe_buffer_pointer()
+  params, state = compiled(params, state, grads)
+  after = state[0].mu["w"]
+  assert (after.codes.unsafe_buffer_pointer(), after.absmax.unsafe_buffer_pointer()) == before
+  assert mu.codes.is_deleted()
+
+
+def test_changing_hyperparameters_does_not_recompile():
+  tx = optax.inject_hyperparams(optax8.adam8bit)(learning_rate=1e-3, b1=0.9, b2=0.999)
+  params = {"w": jnp.ones((8, 512))}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  g = {"w": jnp.linspace(-1.0, 1.0, 8 * 512).reshape(8, 512)}
+  for b1, b2 in [(0.9, 0.999), (0.5, 0.9), (0.0, 0.5)]:
+    state.hyperparams["b1"], state.hyperparams["b2"] = jnp.float32(b1), jnp.float32(b2)
+    native.set_implementation("native")
+    u_kernel, _ = update(g, state)
+    native.set_implementation("reference")
+    u_ref, _ = jax.jit(tx.update)(g, state)
+    np.testing.assert_allclose(u_kernel["w"], u_ref["w"], rtol=2e-6)
+  assert update._cache_size() == 1
+
+
+def test_platform_picks_the_implementation():
+  tx = optax8.adam8bit(1e-3)
+  params = {"w": jnp.ones((8, 512))}
+  state = tx.init(params)
+  exported = lambda platforms: jax.export.export(jax.jit(tx.update), platforms=platforms)(params, state).mlir_module()
+  assert "optax8.update.v1" in exported(["cpu"])
+  assert "optax8.update.v1" not in exported(["cuda"])
+
+
+@pytest.mark.parametrize("how", ["function", "environment"])
+def test_reference_can_be_forced(how, monkeypatch):
+  if how == "function":
+    optax8.set_implementation("reference")
+  else:
+    monkeypatch.setenv(native.IMPLEMENTATION_ENV, "reference")
+  assert optax8.get_implementation() == "reference"
+  tx = optax8.adam8bit(1e-3)
+  params = {"w": jnp.ones((8, 512))}
+  assert "optax8.update.v1" not in jax.jit(tx.update).lower(params, tx.init(params)).as_text()
+  with pytest.raises(ValueError, match="implementation"):
+    optax8.set_implementation("fast")
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch):
+  """Makes the next trace load the library anew (the registered one stays registered)."""
+  monkeypatch.setattr(native, "_problem", None)
+  monkeypatch.setattr(native, "_warned", False)
+
+
+def broken_library(kind, tmp_path, monkeypatch):
+  if kind == "missing":
+    monkeypatch.setenv(native.LIBRARY_ENV, str(tmp_path / "nonexistent.so"))
+  elif kind == "not_a_library":
+    path = tmp_path / "liboptax8_cpu.so"
+    path.write_bytes(b"this is not an ELF file")
+    monkeypatch.setenv(native.LIBRARY_ENV, str(path))
+  else:  # the library loads but jaxlib rejects it, as with FFI API version skew
+
+    def reject(*args, **kwargs):
+      raise RuntimeError("handler's API version (0.9) is incompatible with the framework's (0.3)")
+
+    monkeypatch.setattr(jax.ffi, "register_ffi_target", reject)
+
+
+@pytest.mark.parametrize("kind", ["missing", "not_a_library", "rejected"])
+def test_unusable_library_warns_once_and_falls_back(kind, tmp_path, monkeypatch, fresh_loader):
+  broken_library(kind, tmp_path, monkeypatch)
+  tx = optax8.sgd8bit(0.1, momentum=0.9)
+  params = {"w": jnp.ones((4, 1024)), "v": jnp.ones((2, 4096))}
+  state = tx.init(params)
+  g = jax.tree.map(lambda p: jnp.full(p.shape, 0.25), params)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    lowered = jax.jit(tx.update).lower(g, state)
+    jax.jit(lambda g, s: tx.update(g, s)).lower(g, state)
+  messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+  assert len(messages) == 1 and "reference" in messages[0], messages
+  assert "optax8.update.v1" not in lowered.as_text()
+  u, _ = lowered.compile()(g, state)
+  np.testing.assert_allclose(u["w"], -0.1 * 0.25)
+
+
+def test_native_implementation_raises_when_the_library_is_unusable(tmp_path, monkeypatch, fresh_loader):
+  broken_library("missing", tmp_path, monkeypatch)
+  optax8.set_implementation("native")
+  tx = optax8.adam8bit(1e-3)
+  params = {"w": jnp.ones((8, 512))}
+  with pytest.raises(RuntimeError, match="native kernel"):
+    jax.jit(tx.update).lower(params, tx.init(params))
+
+
+THREADS_SCRIPT = """
+import os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # XLA sizes its thread pool by this
+sys.path.insert(0, sys.argv[2])
+import numpy as np, test_native
+kernel, _ = test_native.both(*test_native.leaf_case("adam", (64, 4100), block_size=256))
+np.savez(sys.argv[1], u=kernel[0], c0=kernel[1][0].codes, a0=kernel[1][0].absmax, c1=kernel[1][1].codes)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs CPU affinity control and two CPUs")
+def test_result_does_not_depend_on_the_thread_count(tmp_path):
+  out = tmp_path / "one_thread.npz"
+  subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(out), str(pathlib.Path(__file__).parent)], check=True)
+  kernel, _ = both(*leaf_case("adam", (64, 4100), block_size=256))
+  single = np.load(out)
+  for key, value in [("u", kernel[0]), ("c0", kernel[1][0].codes), ("a0", kernel[1][0].absmax),
+                     ("c1", kernel[1][1].codes)]:
+    np.testing.assert_array_equal(single[key], np.asarray(value), err_msg=key)
+
+
+def compiler():
+  return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+
+
+@pytest.mark.skipif(compiler() is None, reason="needs a C++ compiler")
+def test_encoder_is_exact_for_every_float_in_the_maps_range(tmp_path):
+  binary = tmp_path / "encode_exhaustive_test"
+  source = ROOT / "custom_calls" / "tests" / "encode_exhaustive_test.cc"
+  flags = ["-std=c++17", "-O3", "-ffp-contract=off", f"-I{ROOT / 'custom_calls'}"]
+  native_flags = ["-march=native"] if subprocess.run(
+      [compiler(), "-march=native", "-x", "c++", "-E", "-"], input=b"", capture_output=True).returncode == 0 else []
+  subprocess.run([compiler(), *flags, *native_flags, str(source), "-o", str(binary)], check=True)
+  tables = [qz.SIGNED_MAP, qz.UNSIGNED_MAP, qz.encode_thresholds(True), qz.encode_thresholds(False)]
+  stdin = " ".join(f"{v:08x}" for t in tables for v in np.asarray(t, np.float32).view(np.uint32))
+  result = subprocess.run([str(binary)], input=stdin, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and result.stdout.strip().endswith("0 failures"), result.stdout[-2000:]
