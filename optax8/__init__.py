@@ -16,7 +16,9 @@ from optax8._src.alias import (
     sgd8bit,
 )
 from optax8._src.clipping import PercentileClippingState, percentile_clipping
+from optax8._src.convert import convert_state
 from optax8._src.labels import default_labels
+from optax8._src.native import get_implementation, set_implementation
 from optax8._src.quantization import (
     SIGNED_MAP,
     UNSIGNED_MAP,
@@ -57,10 +59,12 @@ __all__ = [
     "adagrad8bit",
     "adam8bit",
     "adamw8bit",
+    "convert_state",
     "ademamix8bit",
     "default_labels",
     "dequantize_blockwise",
     "dynamic_map",
+    "get_implementation",
     "lamb8bit",
     "lars8bit",
     "lion8bit",
@@ -72,6 +76,7 @@ __all__ = [
     "scale_by_lion8bit",
     "scale_by_rms8bit",
     "scale_by_rss8bit",
+    "set_implementation",
     "sgd8bit",
     "state_bytes",
     "trace8bit",

@@ -6,9 +6,9 @@ moment tree is a :class:`~optax8.QuantizedArray` (8-bit) or a plain array (32-bi
 per parameter at ``init`` from its label's options and its global size.
 
 Per step and per parameter the update is: dequantize the moments, run the family's float32
-math, re-quantize. A non-finite gradient element resets that element's moments to zero and
-gets a zero update, so one bad element never poisons its block's absmax (a departure from
-optax, which propagates NaN per element).
+math, re-quantize. A non-finite gradient element (or one whose new moments overflow) resets
+that element's moments to zero and gets a zero update, so one bad element never poisons its
+block's absmax (a departure from optax, which propagates NaN per element).
 """
 
 from __future__ import annotations
@@ -138,6 +138,9 @@ def reference_leaf_update(
   g32 = jnp.where(finite, g32, 0.0)
   old = [qz.dequantize_blockwise(m) if qz.is_quantized(m) else m.astype(jnp.float32) for m in moments]
   update, new = family.elementwise(g32, tuple(old), **scalars, **static)
+  # A moment that overflows (e.g. g**2 > float32 max) resets like a non-finite gradient.
+  for after in new:
+    finite &= jnp.isfinite(after)
   update = jnp.where(finite, update, 0.0).astype(g.dtype)
   stored = []
   for before, after in zip(moments, new):
