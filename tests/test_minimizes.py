@@ -11,6 +11,7 @@ from cases import CASE_NAMES, CASES_BY_NAME
 LEARNING_RATES = {"sgd": 0.5, "nesterov": 0.5, "lion": 3e-3, "rmsprop": 3e-3, "adagrad": 0.3, "lars": 5.0}
 STEPS = 300
 BATCH = 256
+GAPS = {}  # optimizer -> (8-bit loss, 32-bit loss), reported at the end
 
 
 def softmax_regression_problem(seed=0, n=8192, d=64, classes=64):
@@ -54,5 +55,16 @@ def test_alias_reaches_the_32bit_loss_within_one_percent(name):
   start = float(loss(params))
   ours = final_loss(case.make(lr), params, loss, batches)
   reference = final_loss(case.reference(lr), params, loss, batches)
+  GAPS[name] = (ours, reference)
   assert reference < 0.8 * start, "the settings must actually train"
   assert abs(ours - reference) <= 0.01 * reference, (ours, reference)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_gaps():
+  yield
+  if GAPS:
+    print("\nfinal softmax-regression loss after 300 minibatch steps")
+    print(f"{'optimizer':10} {'8-bit':>8} {'32-bit':>8} {'gap':>8}")
+    for name, (ours, reference) in GAPS.items():
+      print(f"{name:10} {ours:8.4f} {reference:8.4f} {100 * (ours - reference) / reference:+7.2f}%")
