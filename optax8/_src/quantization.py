@@ -171,7 +171,11 @@ def encode(x: jax.Array, signed: bool) -> jax.Array:
   rounds to the code of 0) moves one code towards its own sign, as bitsandbytes does.
   """
   thresholds = jnp.asarray(encode_thresholds(signed))
-  codes = jnp.searchsorted(thresholds, x, side="left", method="scan_unrolled")
+  # Branchless binary search for #{k : x > t[k]}: elementwise steps, so it partitions like any
+  # elementwise op under every sharding (jnp.searchsorted's scan does not in Explicit mode).
+  codes = jnp.zeros(x.shape, jnp.int32)
+  for step in (128, 64, 32, 16, 8, 4, 2, 1):
+    codes = jnp.where(x > thresholds[codes + (step - 1)], codes + step, codes)
   if signed:
     qmap = jnp.asarray(SIGNED_MAP)
     wrong_sign = jnp.signbit(qmap[codes]) != jnp.signbit(x)
