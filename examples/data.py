@@ -14,6 +14,7 @@ seen had it never stopped; validation batches are fixed by the corpus alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import sysconfig
 import zlib
@@ -61,8 +62,9 @@ def _is_val(relative: str, val_fraction: float) -> bool:
   return zlib.crc32(relative.encode()) < val_fraction * 2**32
 
 
+@functools.cache
 def load_stdlib_corpus(val_fraction: float = 0.1) -> Corpus:
-  """Reads the standard library's ``.py`` files and splits them by file.
+  """Reads the standard library's ``.py`` files and splits them by file (once per process).
 
   Args:
     val_fraction: the expected fraction of files that go to validation, in (0, 1).
