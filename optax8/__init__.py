@@ -28,6 +28,7 @@ from optax8._src.quantization import (
     quantize_blockwise,
     state_bytes,
 )
+from optax8._src.sharding import state_sharding
 from optax8._src.transform import (
     ScaleByAdam8bitState,
     ScaleByAdemamix8bitState,
@@ -79,5 +80,6 @@ __all__ = [
     "set_implementation",
     "sgd8bit",
     "state_bytes",
+    "state_sharding",
     "trace8bit",
 ]

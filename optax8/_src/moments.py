@@ -13,6 +13,7 @@ block's absmax (a departure from optax, which propagates NaN per element).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ import optax
 from optax8._src import labels as labels_lib
 from optax8._src import native
 from optax8._src import quantization as qz
+from optax8._src import sharding as sharding_lib
 from optax8._src.update_math import Family
 
 __all__ = ["check_beta", "check_non_negative", "moment_transform", "schedule_or"]
@@ -113,12 +115,21 @@ def _block_size_if_quantized(shape: tuple[int, ...], options: Mapping[str, Any])
   return options["block_size"] if quantize else None
 
 
-def _init_moment(param: Any, options: Mapping[str, Any], signed: bool, dtype: Any, initial: Any) -> Any:
+def _init_moment(
+    param: Any, label: str, options: Mapping[str, Any], signed: bool, dtype: Any, initial: Any
+) -> Any:
+  """A moment of ``param``, placed like it (and typed like it under sharding-in-types)."""
   shape = tuple(param.shape)
   block_size = _block_size_if_quantized(shape, options)
-  if block_size is not None:
-    return qz.QuantizedArray.full(shape, block_size, signed, initial)
-  return jnp.full(shape, initial, dtype or jnp.float32)
+  sharding = sharding_lib.named_sharding_of(param)
+  if block_size is None:
+    return jax.lax.full(shape, initial, dtype or jnp.float32, sharding=sharding)
+  absmax_sharding = sharding and sharding.update(
+      spec=sharding_lib.absmax_spec(label, sharding.spec, shape, block_size, sharding.mesh)
+  )
+  return qz.QuantizedArray.full(
+      shape, block_size, signed, initial, sharding=sharding, absmax_sharding=absmax_sharding
+  )
 
 
 def _describe(block_size: int | None) -> str:
@@ -213,7 +224,10 @@ def moment_transform(
     initial = family.initial or (None,) * len(family.signed)
     trees = [
         treedef.unflatten(
-            [_init_moment(p, o, signed, dtype, o[init] if init else 0.0) for p, o in zip(leaves, options)]
+            [
+                _init_moment(p, label, o, signed, dtype, o[init] if init else 0.0)
+                for p, label, o in zip(leaves, labels, options)
+            ]
         )
         for signed, dtype, init in zip(family.signed, moment_dtypes, initial)
     ]
@@ -256,11 +270,10 @@ def moment_transform(
     count = optax.safe_increment(state.count) if has_count else jnp.ones([], jnp.int32)
     hyper_names = tuple(hyperparams)
     new_updates, new_moments = [], [[] for _ in moment_fields]
+    leaf_update = functools.partial(native.leaf_update, reference_leaf_update, family, static)
     for i, g in enumerate(g_leaves):
       scalars = family.scalars(count, **{k: options[i][k] for k in hyper_names})
-      u, stored = native.leaf_update(
-          reference_leaf_update, family, static, g, [leaves[i] for leaves in moments], scalars
-      )
+      u, stored = sharding_lib.in_whole_blocks(leaf_update, g, [leaves[i] for leaves in moments], scalars)
       new_updates.append(u)
       for acc, s in zip(new_moments, stored):
         acc.append(s)

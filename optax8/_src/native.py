@@ -1,19 +1,25 @@
 """The native CPU kernel: loading it, choosing it, and calling it.
 
-optax8 computes each parameter's 8-bit update in one of two ways, with the same results:
+optax8 computes each parameter's 8-bit update in one of two ways:
 
 * the reference, :func:`optax8._src.moments.reference_leaf_update`, in pure ``jax.numpy``;
   it runs on every backend;
 * the native kernel, C++ called through the XLA FFI (``custom_calls/optax8_cpu.cc``): one
   fused, multi-threaded call per parameter that reads the gradient and the quantized state
-  once and writes the update and the new state once, in place.
+  once and writes the update and the new state once, in place when the caller donates them
+  (``jax.jit(step, donate_argnums=...)`` for the parameters and optimizer state).
+
+Both round every operation to float32 and give the same codes and absmax bit for bit, except
+that XLA:CPU on hosts with FMA contracts some ``a * b + c`` of the reference into one rounding
+(which ones depends on the surrounding program), so there a moment can differ in its last bit.
 
 By default (``"auto"``) a parameter whose moments are all 8-bit uses the kernel when the
 computation runs on CPU, and the reference on any other platform
 (``jax.lax.platform_dependent``). :func:`set_implementation` or the environment variable
 ``OPTAX8_IMPLEMENTATION`` choose otherwise. The shared library is loaded and registered with
-``jax.ffi`` the first time an update is traced, never at import. If it is missing, or was
-built for an incompatible jaxlib, optax8 warns once and uses the reference.
+``jax.ffi`` the first time an update is traced, never at import; ``OPTAX8_NATIVE_LIBRARY``
+names another file to load instead of the one installed with the package. If the library is
+missing, or was built for an incompatible jaxlib, optax8 warns once and uses the reference.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import jaxlib
 import numpy as np
 
 from optax8._src import quantization as qz
+from optax8._src import sharding as sharding_lib
 
 __all__ = ["get_implementation", "leaf_update", "set_implementation"]
 
@@ -180,24 +187,27 @@ def _kernel_applies(family: Any, static: Mapping[str, Any], g: jax.Array, moment
 
 def _kernel_update(family: Any, static: Mapping[str, Any], g: jax.Array, moments: Sequence[qz.QuantizedArray],
                    scalars: Mapping[str, jax.Array]) -> tuple[jax.Array, list[qz.QuantizedArray]]:
-  """One parameter's update as one FFI call (XLA:CPU only)."""
+  """One parameter's update as one FFI call (XLA:CPU only), on each device's own blocks."""
   hp = jnp.stack([jnp.asarray(scalars[name], jnp.float32) for name in SCALAR_ORDER[family.name]])
   state = [x for m in moments for x in (m.codes, m.absmax)]
-  call = jax.ffi.ffi_call(
-      TARGET,
-      [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (g, *state)],
-      # Batched operands are just more rows; hp[..., K] batches with them.
-      vmap_method="broadcast_all",
-      # In place: the update overwrites g, the new state the old one (given donation).
-      input_output_aliases={0: 0, **{i + 2: i + 1 for i in range(len(state))}},
-  )
-  update, *new_state = call(
-      g, hp, *state,
+  attributes = dict(
       family=family.name,
       block_size=np.int64(moments[0].block_size),
       flags=np.int64(sum(bit for name, bit in FLAG_BITS.items() if static.get(name))),
       signed=np.int64(sum(1 << k for k, m in enumerate(moments) if m.signed)),
   )
+
+  def call(g, hp, *state):
+    return jax.ffi.ffi_call(
+        TARGET,
+        # Typed like the operands: shardings (sharding-in-types) and manual axes (shard_map).
+        [jax.typeof(x) for x in (g, *state)],
+        # In place: the update overwrites g, the new state the old one (given donation).
+        input_output_aliases={0: 0, **{i + 2: i + 1 for i in range(len(state))}},
+    )(g, hp, *state, **attributes)
+
+  # Partitioned with the operands' sharding; under vmap, batched operands are more rows.
+  update, *new_state = sharding_lib.partitioned_by_blocks(call, moments[0].block_size)(g, hp, *state)
   return update, [
       qz.QuantizedArray(new_state[2 * k], new_state[2 * k + 1], m.block_size, m.signed)
       for k, m in enumerate(moments)

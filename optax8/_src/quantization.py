@@ -124,17 +124,27 @@ class QuantizedArray:
     return dynamic_map(self.signed)
 
   @classmethod
-  def full(cls, shape: tuple[int, ...], block_size: int, signed: bool, value: float = 0.0) -> QuantizedArray:
+  def full(
+      cls,
+      shape: tuple[int, ...],
+      block_size: int,
+      signed: bool,
+      value: float = 0.0,
+      *,
+      sharding: jax.sharding.Sharding | None = None,
+      absmax_sharding: jax.sharding.Sharding | None = None,
+  ) -> QuantizedArray:
     """``quantize_blockwise(jnp.full(shape, value))`` without computing it (``value >= 0``).
 
     Both maps hold 1.0 at code 255, so a constant is that code times an absmax of ``value``;
-    zero is the code of exact 0 with absmax 0.
+    zero is the code of exact 0 with absmax 0. ``sharding`` and ``absmax_sharding`` place the
+    codes and the absmax (under ``jit`` in Explicit mode: their types' shardings).
     """
     value = jnp.asarray(value, jnp.float32)
     zero_code = 127 if signed else 0
     return cls(
-        codes=jnp.full(shape, jnp.where(value == 0, zero_code, 255), jnp.uint8),
-        absmax=jnp.full(absmax_shape(shape, block_size), value, jnp.float32),
+        codes=jax.lax.full(shape, jnp.where(value == 0, zero_code, 255), jnp.uint8, sharding=sharding),
+        absmax=jax.lax.full(absmax_shape(shape, block_size), value, jnp.float32, sharding=absmax_sharding),
         block_size=block_size,
         signed=signed,
     )
@@ -164,21 +174,29 @@ def _unblocked(x: jax.Array, n: int) -> jax.Array:
   return x.reshape(x.shape[:-2] + (-1,))[..., :n]
 
 
+def _lookup(table: np.ndarray, index: jax.Array) -> jax.Array:
+  """``table[index]``, sharded like ``index`` (Explicit mode cannot infer a gather's sharding)."""
+  sharding = jax.typeof(index).sharding
+  if jax.sharding.AxisType.Explicit in sharding.mesh.axis_types:
+    return jnp.asarray(table).at[index].get(out_sharding=sharding)
+  return jnp.asarray(table)[index]
+
+
 def encode(x: jax.Array, signed: bool) -> jax.Array:
   """Nearest code of each normalised float32 value ``x`` in ``[-1, 1]`` (ties to the lower code).
 
   Signed map: a value whose sign differs from its code's (a negative value, or -0.0, that
   rounds to the code of 0) moves one code towards its own sign, as bitsandbytes does.
   """
-  thresholds = jnp.asarray(encode_thresholds(signed))
+  thresholds = encode_thresholds(signed)
   # Branchless binary search for #{k : x > t[k]}: elementwise steps, so it partitions like any
   # elementwise op under every sharding (jnp.searchsorted's scan does not in Explicit mode).
-  codes = jnp.zeros(x.shape, jnp.int32)
-  for step in (128, 64, 32, 16, 8, 4, 2, 1):
-    codes = jnp.where(x > thresholds[codes + (step - 1)], codes + step, codes)
+  # The first step compares with one scalar (a constant gather would be folded to full size).
+  codes = jnp.where(x > thresholds[127], jnp.int32(128), jnp.int32(0))
+  for step in (64, 32, 16, 8, 4, 2, 1):
+    codes = jnp.where(x > _lookup(thresholds, codes + (step - 1)), codes + step, codes)
   if signed:
-    qmap = jnp.asarray(SIGNED_MAP)
-    wrong_sign = jnp.signbit(qmap[codes]) != jnp.signbit(x)
+    wrong_sign = jnp.signbit(_lookup(SIGNED_MAP, codes)) != jnp.signbit(x)
     codes = jnp.where(wrong_sign, jnp.where(x > 0, codes + 1, codes - 1), codes)
   return codes.astype(jnp.uint8)
 
@@ -187,7 +205,7 @@ def quantize_blockwise(x: jax.Array, block_size: int = 256, *, signed: bool = Tr
   """Quantizes ``x`` blockwise along its last axis.
 
   ``absmax`` is each block's largest magnitude; the codes are the nearest map entries of
-  ``x / absmax`` (IEEE float32 division). An all-zero block has absmax 0 and encodes to the
+  ``x * (1 / absmax)`` in float32. An all-zero block has absmax 0 and encodes to the
   code of exact 0, so it decodes to zeros without NaN.
 
   Args:
@@ -215,7 +233,8 @@ def quantize_blockwise(x: jax.Array, block_size: int = 256, *, signed: bool = Tr
   blocks = _blocked(x.astype(jnp.float32), block_size)
   absmax = jnp.max(jnp.abs(blocks), axis=-1, initial=0.0)
   scale = jnp.where(absmax == 0, 1.0, absmax)[..., None]
-  codes = encode(blocks / scale, signed)
+  # x / absmax as XLA computes it in most programs; written out to be the same in all.
+  codes = encode(blocks * (1 / scale), signed)
   return QuantizedArray(_unblocked(codes, n), absmax, int(block_size), bool(signed))
 
 
@@ -230,7 +249,7 @@ def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
     [0.495, -0.242, 0.0, 2.0]
   """
   n = q.codes.shape[-1]
-  values = jnp.asarray(q.qmap)[_blocked(q.codes, q.block_size).astype(jnp.int32)]
+  values = _lookup(q.qmap, _blocked(q.codes, q.block_size).astype(jnp.int32))
   return _unblocked(values * q.absmax[..., None], n)
 
 

@@ -10,6 +10,10 @@ A family is two functions:
 
 Quantization and the handling of non-finite gradient elements wrap these functions
 (``optax8._src.moments``); the native kernels implement the same elementwise formulas.
+
+A division by a per-step scalar is written as a multiplication by its reciprocal. XLA rewrites
+``x / s`` that way in most programs but not in every partitioned one, so writing it out keeps
+the results the same in every program, sharded or not, and equal to the native kernels'.
 """
 
 from __future__ import annotations
@@ -73,10 +77,10 @@ def _adam(g, moments, *, b1, b2, eps, eps_root, bc1, bc2, bc1_next, nesterov):
   m = b1 * m + (1 - b1) * g
   v = b2 * v + (1 - b2) * (g * g)
   if nesterov:
-    m_hat = b1 * (m / bc1_next) + (1 - b1) * (g / bc1)
+    m_hat = b1 * (m * (1 / bc1_next)) + (1 - b1) * (g * (1 / bc1))
   else:
-    m_hat = m / bc1
-  v_hat = v / bc2
+    m_hat = m * (1 / bc1)
+  v_hat = v * (1 / bc2)
   return m_hat / (jnp.sqrt(v_hat + eps_root) + eps), (m, v)
 
 
@@ -130,7 +134,7 @@ def _rms(g, moments, *, decay, eps, bc, eps_in_sqrt, bias_correction):
   """
   (nu,) = moments
   nu = (1 - decay) * (g * g) + decay * nu
-  nu_hat = nu / bc if bias_correction else nu
+  nu_hat = nu * (1 / bc) if bias_correction else nu
   u = g * jax.lax.rsqrt(nu_hat + eps) if eps_in_sqrt else g / (jnp.sqrt(nu_hat) + eps)
   return u, (nu,)
 
@@ -174,7 +178,7 @@ def _ademamix(g, moments, *, b1, b2, b3, alpha, eps, eps_root, bc1, bc2):
   m1 = (1 - b1) * g + b1 * m1
   m2 = (1 - b3) * g + b3 * m2
   nu = (1 - b2) * (g * g) + b2 * nu
-  u = (m1 / bc1 + alpha * m2) / (jnp.sqrt(nu / bc2 + eps_root) + eps)
+  u = (m1 * (1 / bc1) + alpha * m2) / (jnp.sqrt(nu * (1 / bc2) + eps_root) + eps)
   return u, (m1, m2, nu)
 
 

@@ -1,0 +1,468 @@
+// The fused 8-bit optimizer update for XLA:CPU, as one XLA FFI handler.
+//
+// One call updates one parameter: it reads the gradient and each moment's codes and absmax
+// once, and writes the update and the new codes and absmax once. Per block of the last axis:
+// decode the moments, run the family's float32 math (optax8_math.h), take the new absmax,
+// re-encode. Blocks are independent, so the work is split into chunks of whole blocks on
+// XLA's CPU thread pool and the result does not depend on the number of threads.
+//
+// Operands: g (f32, bf16 or f16), hp (f32[..., kNumScalars]: the family's per-step scalars,
+// leading dims batch the rows of g under vmap), then codes (u8[g.shape]) and absmax
+// (f32[g.shape[:-1] + (blocks,)]) of each moment. Results: the update (g's dtype and shape),
+// then the new codes and absmax of each moment. The Python side aliases each result to its
+// operand, so the update runs in place. Attributes: family (optax8_math.h's family names, in
+// lower case), block_size, flags (the Flag bits) and signed (bit k: moment k uses the signed
+// map). A non-finite gradient element, or a moment that overflows, resets that element's
+// moments to 0 and gives it a zero update, as the reference does.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "optax8_math.h"
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define OPTAX8_X86 1
+#endif
+
+// No iteration of the loop that follows reads what another one writes (an output may be an
+// input itself, element for element). Saying so spares the compiler's run-time alias checks,
+// which it gives up on past a handful of pointers.
+#if defined(__clang__)
+#define OPTAX8_NO_ALIAS_IN_LOOP _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define OPTAX8_NO_ALIAS_IN_LOOP _Pragma("GCC ivdep")
+#else
+#define OPTAX8_NO_ALIAS_IN_LOOP
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace optax8 {
+namespace {
+
+constexpr int kMaxMoments = 3;
+// About this many elements per task: large enough to amortise scheduling, small enough to
+// balance the threads.
+constexpr int64_t kChunkElements = 1 << 16;
+
+// XLA:CPU computes with denormals flushed to zero (inputs and results); so does the kernel,
+// for the duration of a task, so that it produces the same bits.
+class ScopedFlushDenormals {
+ public:
+  ScopedFlushDenormals() {
+#if defined(OPTAX8_X86)
+    saved_ = _mm_getcsr();
+    _mm_setcsr(saved_ | 0x8040u);  // FTZ | DAZ
+#elif defined(__aarch64__)
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(saved_));
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(saved_ | (uint64_t{1} << 24)));  // FZ
+#endif
+  }
+  ~ScopedFlushDenormals() {
+#if defined(OPTAX8_X86)
+    _mm_setcsr(saved_);
+#elif defined(__aarch64__)
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(saved_));
+#endif
+  }
+  ScopedFlushDenormals(const ScopedFlushDenormals&) = delete;
+  ScopedFlushDenormals& operator=(const ScopedFlushDenormals&) = delete;
+
+ private:
+#if defined(OPTAX8_X86)
+  unsigned saved_;
+#else
+  uint64_t saved_ = 0;
+#endif
+};
+
+// bfloat16 and float16 conversions, exact and rounding to nearest even like XLA's.
+OPTAX8_HD float Bf16ToFloat(uint16_t h) { return BitsToFloat(static_cast<uint32_t>(h) << 16); }
+
+OPTAX8_HD uint16_t FloatToBf16(float f) {
+  const uint32_t bits = FloatToBits(f);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);  // quiet NaN
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+OPTAX8_HD float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1Fu;
+  const uint32_t mantissa = h & 0x3FFu;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, a normal float32
+    return BitsToFloat(FloatToBits(static_cast<float>(mantissa) * 0x1p-24f) | sign);
+  }
+  const uint32_t rebiased = exponent == 0x1Fu ? 0xFFu : exponent + 112;  // inf / NaN stay so
+  return BitsToFloat(sign | (rebiased << 23) | (mantissa << 13));
+}
+
+OPTAX8_HD uint16_t FloatToHalf(float f) {
+  const uint32_t bits = FloatToBits(f);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t a = bits & 0x7FFFFFFFu;
+  uint32_t h;
+  if (a > 0x7F800000u) {
+    h = 0x7E00u | ((a >> 13) & 0x3FFu);  // quiet NaN
+  } else if (a >= 0x477FF000u) {
+    h = 0x7C00u;  // rounds to infinity
+  } else if (a >= 0x38800000u) {  // normal half
+    const uint32_t r = a - 0x38000000u;
+    h = (r + 0xFFFu + ((r >> 13) & 1u)) >> 13;
+  } else if (a >= 0x33000000u) {  // subnormal half: round mantissa * 2^(e - 126) to an integer
+    const uint32_t mantissa = (a & 0x7FFFFFu) | 0x800000u;
+    const uint32_t shift = 126u - (a >> 23);
+    const uint32_t half = 1u << (shift - 1);
+    const uint32_t rest = mantissa & ((half << 1) - 1);
+    h = mantissa >> shift;
+    h += (rest > half || (rest == half && (h & 1u))) ? 1u : 0u;
+  } else {
+    h = 0;
+  }
+  return static_cast<uint16_t>(sign | h);
+}
+
+struct MomentBuffers {
+  const uint8_t* codes;
+  const float* absmax;
+  uint8_t* new_codes;
+  float* new_absmax;
+};
+
+// One call's work, described by plain pointers and sizes.
+struct Job {
+  ffi::DataType dtype;
+  const void* g;
+  void* update;
+  const float* hp;
+  int64_t row_length;      // the last axis
+  int64_t row_blocks;      // blocks per row
+  int64_t block_size;
+  int64_t rows_per_group;  // rows sharing one hp vector
+  MomentBuffers moments[kMaxMoments];
+};
+
+// Per-thread scratch for one block: the f32 gradient, update and new moments.
+OPTAX8_HD float* Scratch(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < static_cast<size_t>(floats)) buffer.resize(floats);
+  return buffer.data();
+}
+
+OPTAX8_HD const float* GradientAsFloat(const Job& job, int64_t offset, int64_t n, float* out) {
+  switch (job.dtype) {
+    case ffi::DataType::BF16: {
+      const uint16_t* g = static_cast<const uint16_t*>(job.g) + offset;
+      for (int64_t j = 0; j < n; ++j) out[j] = Bf16ToFloat(g[j]);
+      return out;
+    }
+    case ffi::DataType::F16: {
+      const uint16_t* g = static_cast<const uint16_t*>(job.g) + offset;
+      for (int64_t j = 0; j < n; ++j) out[j] = HalfToFloat(g[j]);
+      return out;
+    }
+    default:
+      return static_cast<const float*>(job.g) + offset;
+  }
+}
+
+// Where the block's float32 update goes: the result itself, or scratch for 16-bit results.
+OPTAX8_HD float* UpdateAsFloat(const Job& job, int64_t offset, float* scratch) {
+  return job.dtype == ffi::DataType::F32 ? static_cast<float*>(job.update) + offset : scratch;
+}
+
+OPTAX8_HD void StoreHalfUpdate(const Job& job, int64_t offset, int64_t n, const float* u) {
+  uint16_t* out = static_cast<uint16_t*>(job.update) + offset;
+  if (job.dtype == ffi::DataType::BF16) {
+    for (int64_t j = 0; j < n; ++j) out[j] = FloatToBf16(u[j]);
+  } else if (job.dtype == ffi::DataType::F16) {
+    for (int64_t j = 0; j < n; ++j) out[j] = FloatToHalf(u[j]);
+  }
+}
+
+template <bool kSigned>
+OPTAX8_HD void EncodeBlock(const float* __restrict__ values, float scale, int64_t n, uint8_t* __restrict__ codes) {
+  for (int64_t j = 0; j < n; ++j) codes[j] = static_cast<uint8_t>(Encode<kSigned>(values[j] * scale));
+}
+
+// All ones for a finite x, else 0.
+OPTAX8_HD uint32_t FiniteMask(float x) { return (FloatToBits(x) & 0x7F800000u) != 0x7F800000u ? ~0u : 0u; }
+
+// x, or +0 where mask is 0.
+OPTAX8_HD float Masked(float x, uint32_t mask) { return BitsToFloat(FloatToBits(x) & mask); }
+
+// One block's elementwise pass: decode, the family's math, and the new moments' peak |value|,
+// with the moments unrolled at compile time (index sequence k...) so that the loop vectorizes.
+template <class F, int kFlags, size_t... k>
+OPTAX8_HD void UpdateElements(std::index_sequence<k...>, int64_t n, const float* g,
+                              const uint8_t* const (&codes)[F::kMoments], const float (&absmax)[F::kMoments],
+                              const typename F::Consts& consts, float* u,
+                              float* const (&moments)[F::kMoments], uint32_t (&peak)[F::kMoments]) {
+  // Local copies, so that the compiler keeps them in registers.
+  const uint8_t* __restrict__ const in[F::kMoments] = {codes[k]...};
+  float* __restrict__ const out[F::kMoments] = {moments[k]...};
+  const float scale[F::kMoments] = {absmax[k]...};
+  uint32_t top[F::kMoments] = {};
+  OPTAX8_NO_ALIAS_IN_LOOP
+  for (int64_t j = 0; j < n; ++j) {
+    // A non-finite gradient element counts as 0; it, or a moment that overflows, resets the
+    // element's moments and updates nothing. (Masking the bits, rather than selecting, keeps
+    // the loop free of branches.)
+    uint32_t keep = FiniteMask(g[j]);
+    float m[F::kMoments] = {Decode<F::kSigned[k]>(in[k][j], scale[k])...};
+    const float update = F::template Step<kFlags>(Masked(g[j], keep), m, consts);
+    ((keep &= FiniteMask(m[k])), ...);
+    u[j] = Masked(update, keep);
+    ((m[k] = Masked(m[k], keep)), ...);
+    ((out[k][j] = m[k]), ...);
+    // For non-negative floats the integer order of the bits is the float order.
+    ((top[k] = std::max(top[k], FloatToBits(m[k]) & 0x7FFFFFFFu)), ...);
+  }
+  ((peak[k] = top[k]), ...);
+}
+
+// Updates blocks [begin, end) (flat indices over rows x row_blocks).
+template <class F, int kFlags>
+OPTAX8_HD void UpdateBlocks(const Job& job, int64_t begin, int64_t end) {
+  constexpr int K = F::kMoments;
+  const int64_t bs = job.block_size;
+  float* const scratch = Scratch((K + 2) * bs);
+  float* const g32 = scratch;
+  float* const u32 = scratch + bs;
+  float* moments[K];
+  for (int k = 0; k < K; ++k) moments[k] = scratch + (k + 2) * bs;
+
+  int64_t group = -1;
+  typename F::Consts consts{};
+  for (int64_t block = begin; block < end; ++block) {
+    const int64_t row = block / job.row_blocks;
+    const int64_t column = (block - row * job.row_blocks) * bs;
+    const int64_t offset = row * job.row_length + column;
+    const int64_t n = std::min(bs, job.row_length - column);
+    if (row / job.rows_per_group != group) {
+      group = row / job.rows_per_group;
+      consts = F::Prepare(job.hp + group * F::kNumScalars);
+    }
+    const uint8_t* codes[K];
+    float absmax[K];
+    uint32_t peak[K];
+    for (int k = 0; k < K; ++k) {
+      codes[k] = job.moments[k].codes + offset;
+      absmax[k] = job.moments[k].absmax[block];
+      peak[k] = 0;
+    }
+    // In place when the update aliases the gradient: each element is read before it is written.
+    UpdateElements<F, kFlags>(std::make_index_sequence<K>(), n, GradientAsFloat(job, offset, n, g32), codes,
+                              absmax, consts, UpdateAsFloat(job, offset, u32), moments, peak);
+    StoreHalfUpdate(job, offset, n, u32);
+    for (int k = 0; k < K; ++k) {
+      const float new_absmax = BitsToFloat(peak[k]);
+      job.moments[k].new_absmax[block] = new_absmax;
+      // As quantize_blockwise: times 1 / absmax, with 1 for an all-zero block.
+      const float scale = 1.0f / (new_absmax == 0.0f ? 1.0f : new_absmax);
+      uint8_t* new_codes = job.moments[k].new_codes + offset;
+      if (F::kSigned[k]) {
+        EncodeBlock<true>(moments[k], scale, n, new_codes);
+      } else {
+        EncodeBlock<false>(moments[k], scale, n, new_codes);
+      }
+    }
+  }
+}
+
+using BlocksFn = void (*)(const Job&, int64_t, int64_t);
+
+// The same code compiled for AVX2 and for the baseline ISA; both compute the same bits.
+#if defined(OPTAX8_X86) && defined(__GNUC__)
+template <class F, int kFlags>
+__attribute__((target("avx2"))) void UpdateBlocksAvx2(const Job& job, int64_t begin, int64_t end) {
+  UpdateBlocks<F, kFlags>(job, begin, end);
+}
+
+template <class F, int kFlags>
+void UpdateBlocksBaseline(const Job& job, int64_t begin, int64_t end) {
+  UpdateBlocks<F, kFlags>(job, begin, end);
+}
+
+template <class F, int kFlags>
+BlocksFn SelectBlocksFn() {
+  static const bool avx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
+  return avx2 ? &UpdateBlocksAvx2<F, kFlags> : &UpdateBlocksBaseline<F, kFlags>;
+}
+#else
+template <class F, int kFlags>
+void UpdateBlocksPortable(const Job& job, int64_t begin, int64_t end) {
+  UpdateBlocks<F, kFlags>(job, begin, end);
+}
+
+template <class F, int kFlags>
+BlocksFn SelectBlocksFn() {
+  return &UpdateBlocksPortable<F, kFlags>;
+}
+#endif
+
+// Instantiates the kernel for each subset of the family's flags.
+template <class F, int kFlags = 0>
+BlocksFn SelectForFlags(int64_t flags) {
+  if constexpr (kFlags > (kNesterov | kEpsInSqrt | kBiasCorrection)) {
+    return nullptr;
+  } else if constexpr ((kFlags & ~F::kFlags) != 0) {
+    return SelectForFlags<F, kFlags + 1>(flags);
+  } else {
+    return flags == kFlags ? SelectBlocksFn<F, kFlags>() : SelectForFlags<F, kFlags + 1>(flags);
+  }
+}
+
+// Runs chunks [0, chunks) on the calling thread and up to num_threads - 1 pool tasks. The
+// caller waits only for the chunks to finish, never for a task to start, so a busy or
+// single-threaded pool cannot deadlock it; tasks that start late find no work and touch
+// nothing but the shared state they own.
+void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64_t)> work) {
+  struct Shared {
+    std::function<void(int64_t)> work;
+    int64_t chunks;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mutex;
+    std::condition_variable finished;
+  };
+  auto shared = std::make_shared<Shared>();
+  shared->work = std::move(work);
+  shared->chunks = chunks;
+  auto drain = [](Shared& s) {
+    for (int64_t i = s.next.fetch_add(1); i < s.chunks; i = s.next.fetch_add(1)) {
+      s.work(i);
+      if (s.done.fetch_add(1) + 1 == s.chunks) {
+        std::lock_guard<std::mutex> lock(s.mutex);
+        s.finished.notify_all();
+      }
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared, drain] { drain(*shared); });
+  drain(*shared);
+  std::unique_lock<std::mutex> lock(shared->mutex);
+  shared->finished.wait(lock, [&] { return shared->done.load() == chunks; });
+}
+
+BlocksFn SelectFamily(std::string_view family, int64_t flags, int* moments, int* num_scalars, uint32_t* signed_mask) {
+  auto describe = [&](auto family_tag) {
+    using F = decltype(family_tag);
+    *moments = F::kMoments;
+    *num_scalars = F::kNumScalars;
+    *signed_mask = 0;
+    for (int k = 0; k < F::kMoments; ++k) *signed_mask |= F::kSigned[k] ? 1u << k : 0u;
+    return SelectForFlags<F>(flags);
+  };
+  if (family == "adam") return describe(Adam{});
+  if (family == "momentum") return describe(Momentum{});
+  if (family == "lion") return describe(Lion{});
+  if (family == "rmsprop") return describe(Rmsprop{});
+  if (family == "adagrad") return describe(Adagrad{});
+  if (family == "ademamix") return describe(Ademamix{});
+  *moments = 0;
+  return nullptr;
+}
+
+bool SameDims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+}
+
+ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::Buffer<ffi::F32> hp, ffi::RemainingArgs state,
+                      ffi::Result<ffi::AnyBuffer> update, ffi::RemainingRets new_state, std::string_view family,
+                      int64_t block_size, int64_t flags, int64_t signed_mask) {
+  int moments = 0;
+  int num_scalars = 0;
+  uint32_t family_signed = 0;
+  const BlocksFn blocks_fn = SelectFamily(family, flags, &moments, &num_scalars, &family_signed);
+  if (moments == 0) return ffi::Error::InvalidArgument("optax8: unknown family " + std::string(family));
+  if (blocks_fn == nullptr) return ffi::Error::InvalidArgument("optax8: flags not supported by " + std::string(family));
+  if (signed_mask != family_signed) return ffi::Error::InvalidArgument("optax8: wrong maps for " + std::string(family));
+  if (state.size() != 2 * static_cast<size_t>(moments) || new_state.size() != state.size()) {
+    return ffi::Error::InvalidArgument("optax8: wrong number of state buffers");
+  }
+  const ffi::DataType dtype = g.element_type();
+  if (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F16) {
+    return ffi::Error::InvalidArgument("optax8: the gradient must be float32, bfloat16 or float16");
+  }
+  const auto dims = g.dimensions();
+  if (dims.size() == 0 || block_size <= 0) return ffi::Error::InvalidArgument("optax8: bad rank or block size");
+  if (update->element_type() != dtype || !SameDims(update->dimensions(), dims)) {
+    return ffi::Error::InvalidArgument("optax8: the update must match the gradient");
+  }
+  const int64_t row_length = dims.back();
+  const int64_t elements = static_cast<int64_t>(g.element_count());
+  const int64_t rows = row_length == 0 ? 0 : elements / row_length;
+  const int64_t row_blocks = (row_length + block_size - 1) / block_size;
+  std::vector<int64_t> absmax_dims(dims.begin(), dims.end());
+  absmax_dims.back() = row_blocks;
+
+  Job job{dtype, g.untyped_data(), update->untyped_data(), hp.typed_data(), row_length, row_blocks, block_size, 1, {}};
+  for (int k = 0; k < moments; ++k) {
+    auto codes = state.get<ffi::Buffer<ffi::U8>>(2 * k);
+    auto absmax = state.get<ffi::Buffer<ffi::F32>>(2 * k + 1);
+    auto new_codes = new_state.get<ffi::Buffer<ffi::U8>>(2 * k);
+    auto new_absmax = new_state.get<ffi::Buffer<ffi::F32>>(2 * k + 1);
+    if (codes.has_error() || absmax.has_error() || new_codes.has_error() || new_absmax.has_error()) {
+      return ffi::Error::InvalidArgument("optax8: state buffers must be uint8 codes and float32 absmax");
+    }
+    const ffi::Span<const int64_t> expected(absmax_dims.data(), absmax_dims.size());
+    if (!SameDims(codes->dimensions(), dims) || !SameDims((*new_codes)->dimensions(), dims) ||
+        !SameDims(absmax->dimensions(), expected) || !SameDims((*new_absmax)->dimensions(), expected)) {
+      return ffi::Error::InvalidArgument("optax8: state shapes do not match the gradient");
+    }
+    job.moments[k] = {codes->typed_data(), absmax->typed_data(), (*new_codes)->typed_data(),
+                      (*new_absmax)->typed_data()};
+  }
+  const int64_t groups = static_cast<int64_t>(hp.element_count()) / num_scalars;
+  const auto hp_dims = hp.dimensions();
+  if (hp_dims.size() == 0 || hp_dims.back() != num_scalars || groups == 0 || rows % groups != 0) {
+    return ffi::Error::InvalidArgument("optax8: hyperparameters must have shape [..., " +
+                                       std::to_string(num_scalars) + "] batching the gradient's rows");
+  }
+  job.rows_per_group = rows / groups;
+
+  const int64_t total_blocks = rows * row_blocks;
+  const int64_t chunk_blocks = std::max<int64_t>(1, kChunkElements / block_size);
+  const int64_t chunks = (total_blocks + chunk_blocks - 1) / chunk_blocks;
+  ParallelFor(pool, chunks, [&job, blocks_fn, chunk_blocks, total_blocks](int64_t chunk) {
+    ScopedFlushDenormals flush;
+    const int64_t begin = chunk * chunk_blocks;
+    blocks_fn(job, begin, std::min(total_blocks, begin + chunk_blocks));
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace optax8
+
+// Exported with default visibility: the library is built with hidden symbols otherwise.
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* Optax8CpuUpdate(XLA_FFI_CallFrame*);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Optax8CpuUpdate, optax8::UpdateImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()          // g
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // hp
+                                  .RemainingArgs()                // codes, absmax per moment
+                                  .Ret<ffi::AnyBuffer>()          // update
+                                  .RemainingRets()                // new codes, absmax per moment
+                                  .Attr<std::string_view>("family")
+                                  .Attr<int64_t>("block_size")
+                                  .Attr<int64_t>("flags")
+                                  .Attr<int64_t>("signed"));
+
+// The XLA FFI API version this library was compiled against, major * 1000 + minor.
+extern "C" __attribute__((visibility("default"))) int Optax8FfiApiVersion() {
+  return XLA_FFI_API_MAJOR * 1000 + XLA_FFI_API_MINOR;
+}

@@ -1,0 +1,77 @@
+// Exhaustive check of optax8_math.h's encoder, run by tests/test_native.py.
+//
+// Reads from stdin, as hexadecimal float32 bit patterns, the Python package's signed map,
+// unsigned map, signed thresholds and unsigned thresholds (256, 256, 255, 255 values), checks
+// that the header holds the same tables, then checks that Encode matches the definition,
+// "#{k : t[k] < x}, then the sign fix", for every float32 x in [-1, 1]. Prints one line per
+// failure and exits non-zero if there was any.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+
+#include "optax8_math.h"
+
+namespace {
+
+int ReadAndCompare(const char* name, const float* header, int n) {
+  int failures = 0;
+  for (int i = 0; i < n; ++i) {
+    unsigned bits = 0;
+    if (std::scanf("%x", &bits) != 1) {
+      std::printf("%s: input ended at entry %d\n", name, i);
+      return failures + 1;
+    }
+    if (bits != optax8::FloatToBits(header[i])) {
+      std::printf("%s[%d]: header 0x%08x, python 0x%08x\n", name, i, optax8::FloatToBits(header[i]), bits);
+      ++failures;
+    }
+  }
+  return failures;
+}
+
+// Floats in increasing order are the integers FromOrderKey(key) for increasing key.
+float FromOrderKey(uint32_t key) { return optax8::BitsToFloat(key >> 31 ? key & 0x7FFFFFFFu : ~key); }
+
+// Splits [-1, 1] into runs of floats between consecutive thresholds, on one side of zero,
+// where the definition gives one code, and compares Encode on every float of each run.
+template <bool kSigned>
+long CheckAllFloats(const float (&map)[256], const optax8::Thresholds& th) {
+  using optax8::detail::OrderKey;
+  long failures = 0;
+  const uint32_t last = OrderKey(optax8::FloatToBits(1.0f));
+  uint32_t key = OrderKey(optax8::FloatToBits(-1.0f));
+  for (uint32_t below = 0; key <= last; ++below) {
+    // This run: x > t[below - 1] and x <= t[below], split at the +0 / -0 boundary.
+    uint32_t end = below < 255 ? OrderKey(optax8::FloatToBits(th.t[below])) : last;
+    end = end > last ? last : end;
+    while (key <= end) {
+      const uint32_t run_end = key < 0x80000000u && end >= 0x80000000u ? 0x7FFFFFFFu : end;
+      const float first = FromOrderKey(key);
+      uint32_t want = below;
+      if (kSigned && std::signbit(map[want]) != std::signbit(first)) want = first > 0 ? want + 1 : want - 1;
+      want &= 0xFFu;
+      long bad = 0;
+      for (uint32_t k = key; k <= run_end; ++k) bad += optax8::Encode<kSigned>(FromOrderKey(k)) != want;
+      if (bad != 0) {
+        std::printf("%s map: %ld floats in [%a, %a] do not encode to %u\n", kSigned ? "signed" : "unsigned", bad,
+                    static_cast<double>(first), static_cast<double>(FromOrderKey(run_end)), want);
+      }
+      failures += bad;
+      key = run_end + 1;
+    }
+  }
+  return failures;
+}
+
+}  // namespace
+
+int main() {
+  long failures = ReadAndCompare("signed map", optax8::kSignedMap, 256) +
+                  ReadAndCompare("unsigned map", optax8::kUnsignedMap, 256) +
+                  ReadAndCompare("signed thresholds", optax8::kSignedThresholds.t, 255) +
+                  ReadAndCompare("unsigned thresholds", optax8::kUnsignedThresholds.t, 255);
+  failures += CheckAllFloats<true>(optax8::kSignedMap, optax8::kSignedThresholds);
+  failures += CheckAllFloats<false>(optax8::kUnsignedMap, optax8::kUnsignedThresholds);
+  std::printf("%ld failures\n", failures);
+  return failures == 0 ? 0 : 1;
+}

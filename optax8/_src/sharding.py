@@ -1,0 +1,313 @@
+"""Shardings of the optimizer state, derived from the parameters' shardings.
+
+Every params-shaped array of an optax8 state takes its parameter's sharding: the codes of a
+:class:`~optax8.QuantizedArray` and a 32-bit moment exactly, the per-block ``absmax`` the same
+``PartitionSpec`` (it has the parameter's rank). The one exception is a last axis cut into
+pieces that are not whole blocks: ``absmax`` then stays unsharded on that axis, the update
+gathers that axis of the parameter's gradient and state, and optax8 warns once, naming the
+parameter and a block size that would fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from optax8._src import labels as labels_lib
+from optax8._src import quantization as qz
+
+__all__ = ["absmax_spec", "in_whole_blocks", "named_sharding_of", "partitioned_by_blocks", "state_sharding"]
+
+Spec = NamedSharding | PartitionSpec
+
+_warned: set[tuple[Any, ...]] = set()
+
+
+def named_sharding_of(x: Any) -> NamedSharding | None:
+  """The ``NamedSharding`` of an array, tracer or ``ShapeDtypeStruct``, or ``None``.
+
+  A tracer's is its type's (set in Explicit mode; all-``None`` specs in Auto mode); an array's
+  or ``ShapeDtypeStruct``'s is its ``sharding`` attribute.
+  """
+  sharding = jax.typeof(x).sharding if isinstance(x, jax.core.Tracer) else getattr(x, "sharding", None)
+  return sharding if isinstance(sharding, NamedSharding) and not sharding.mesh.empty else None
+
+
+def _last_axis_names(spec: PartitionSpec, shape: tuple[int, ...]) -> tuple[str, ...]:
+  """The mesh axes ``spec`` shards the last axis of an array of ``shape`` over."""
+  entry = spec[len(shape) - 1] if shape and len(spec) >= len(shape) else None
+  return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def _last_axis_pieces(spec: PartitionSpec, shape: tuple[int, ...], mesh: Any) -> int:
+  """How many pieces ``spec`` cuts the last axis of an array of ``shape`` into."""
+  return math.prod(mesh.shape[name] for name in _last_axis_names(spec, shape))
+
+
+def _whole_blocks(spec: PartitionSpec, shape: tuple[int, ...], block_size: int, mesh: Any) -> bool:
+  """Whether every device holds whole blocks of the last axis under ``spec``."""
+  pieces = _last_axis_pieces(spec, shape, mesh)
+  return pieces == 1 or shape[-1] % (pieces * block_size) == 0
+
+
+def _without_last_axis(spec: PartitionSpec, rank: int) -> PartitionSpec:
+  """``spec`` over ``rank`` axes with the last one unsharded."""
+  entries = (tuple(spec) + (None,) * rank)[:rank]
+  return PartitionSpec(*entries[:-1], None)
+
+
+def _update_spec(spec: PartitionSpec, shape: tuple[int, ...], block_size: int | None, mesh: Any) -> PartitionSpec:
+  """How a blockwise update shards its operands, given their parameter's ``spec``.
+
+  ``spec`` over every axis of ``shape``, the last one unsharded unless it is cut into whole
+  blocks (``block_size`` ``None``: no blocks).
+  """
+  if block_size is not None and not _whole_blocks(spec, shape, block_size, mesh):
+    return _without_last_axis(spec, len(shape))
+  return PartitionSpec(*(tuple(spec) + (None,) * len(shape))[: len(shape)])
+
+
+def _warn_partial_blocks(label: str, shape: tuple[int, ...], block_size: int, pieces: int) -> None:
+  key = (label, shape, block_size, pieces)
+  if key in _warned:
+    return
+  _warned.add(key)
+  n = shape[-1]
+  if n % pieces:
+    advice = "no block size fits, as the axis does not split evenly; shard another axis instead"
+  else:
+    local = n // pieces
+    fits = max(d for d in range(1, min(block_size, local) + 1) if local % d == 0)
+    advice = f"block size {fits} would fit (overrides={{{label!r}: {{'block_size': {fits}}}}})"
+  warnings.warn(
+      f"optax8: parameter {label!r} of shape {shape} is sharded on its last axis in {pieces} "
+      f"pieces, which are not whole blocks of {block_size} elements; its state's absmax stays "
+      f"unsharded on that axis and each update gathers that axis (correct, but with "
+      f"communication); {advice}.",
+      stacklevel=2,
+  )
+
+
+def absmax_spec(label: str, spec: PartitionSpec, shape: tuple[int, ...], block_size: int, mesh: Any) -> PartitionSpec:
+  """The ``PartitionSpec`` of the absmax of a parameter sharded by ``spec``.
+
+  The parameter's own, unless its last axis is cut into pieces that are not whole blocks:
+  then that axis is unsharded, and a warning (once per parameter) names ``label`` and a block
+  size that would fit.
+  """
+  if _whole_blocks(spec, shape, block_size, mesh):
+    return spec
+  _warn_partial_blocks(label, shape, block_size, _last_axis_pieces(spec, shape, mesh))
+  return _without_last_axis(spec, len(shape))
+
+
+def in_whole_blocks(
+    update: Callable[..., tuple[jax.Array, list[Any]]], g: jax.Array, moments: Sequence[Any], *args: Any
+) -> tuple[jax.Array, list[Any]]:
+  """``update(g, moments, *args)`` with operands that agree on whole blocks, under sharding-in-types.
+
+  With an Explicit mesh every moment takes ``g``'s sharding, except that a last axis cut
+  into pieces that are not whole blocks is gathered first; the results come back with the
+  operands' own types, so the state's types never change. Elsewhere (Auto mode, one device)
+  XLA places the operands and this is ``update(g, moments, *args)``.
+  """
+  sharding = jax.typeof(g).sharding
+  if AxisType.Explicit not in sharding.mesh.axis_types:
+    return update(g, list(moments), *args)
+  block_size = next((m.block_size for m in moments if qz.is_quantized(m)), None)
+  spec = _update_spec(sharding.spec, g.shape, block_size, sharding.mesh)
+  to = lambda x, spec: jax.sharding.reshard(x, NamedSharding(sharding.mesh, spec))
+  new_g, new = update(to(g, spec), [jax.tree.map(lambda x: to(x, spec), m) for m in moments], *args)
+  back = lambda after, before: to(after, jax.typeof(before).sharding.spec)
+  return back(new_g, g), [jax.tree.map(back, after, before) for after, before in zip(new, moments)]
+
+
+def _block_rule(shape: tuple[int, ...], hp_rank: int, num_state: int, block_size: int) -> tuple[str, dict[str, Any]]:
+  """The Shardy rule of a blockwise update ``(g, hp, *state) -> (update, *state)``.
+
+  ``state`` alternates codes (``g``'s shape) and absmax (blocks along the last axis); ``hp``'s
+  leading axes, if any, are ``g``'s leading (vmapped) axes. Leading axes shard freely; the
+  last one only in whole blocks (``(k b)``) when it holds whole blocks at all.
+  """
+  if shape[-1] % block_size or shape[-1] // block_size <= 1:  # no whole blocks to shard
+    last, blocks, factors = "n", "k", {"need_replication_factors": ("n", "h", "k")}  # in order of appearance
+  elif block_size == 1:  # (a compound factor cannot have a part of size 1)
+    last, blocks, factors = "k", "k", {"need_replication_factors": ("h",)}
+  else:
+    last, blocks, factors = "(k b)", "k", {"need_replication_factors": ("b", "h"), "b": block_size}
+  lead = [f"d{i}" for i in range(len(shape) - 1)]
+  tensor, absmax = " ".join([*lead, last]), " ".join([*lead, blocks])
+  hp = " ".join([*lead[: hp_rank - 1], "h"])
+  state = [tensor, absmax] * (num_state // 2)
+  return f"{', '.join([tensor, hp, *state])} -> {', '.join([tensor, *state])}", factors
+
+
+def _partition(
+    call: Callable[..., Sequence[jax.Array]], block_size: int, mesh: Any, arg_shapes: Any, result_shape: Any
+) -> tuple[Any, Callable[..., Sequence[jax.Array]], Any, tuple[NamedSharding, ...]]:
+  """Every operand keeps the gradient's sharding, its last axis only in whole blocks."""
+  g, hp, *state = arg_shapes
+  spec = _update_spec(g.sharding.spec, g.shape, block_size, mesh)
+  tensor = NamedSharding(mesh, spec)
+  hp_sharding = NamedSharding(mesh, PartitionSpec(*spec[: len(hp.shape) - 1], None))
+  results = jax.tree.map(lambda _: tensor, result_shape)
+  return mesh, call, results, (tensor, hp_sharding, *(tensor,) * len(state))
+
+
+def partitioned_by_blocks(call: Callable[..., Sequence[jax.Array]], block_size: int) -> Callable[..., tuple]:
+  """Wraps a blockwise update so that XLA partitions it with its operands' sharding.
+
+  ``call(g, hp, *state) -> (update, *new_state)`` updates every block of ``block_size``
+  elements along the last axis on its own: ``state`` alternates codes (``g``'s shape) and
+  absmax (one per block), ``hp`` holds the per-step scalars (``hp[..., K]``, its leading axes
+  batching ``g``'s rows). Its results must be typed like ``g`` and ``state`` (``jax.typeof``),
+  so that they keep their shardings under sharding-in-types.
+
+  Under ``jit`` on several devices each device runs ``call`` on its own blocks, with no
+  communication, whenever every device holds whole blocks (a last axis that is not sharded,
+  or sharded in pieces of whole blocks); otherwise that axis is gathered first. Under
+  ``vmap``, unbatched operands are broadcast and the batch axis becomes more rows.
+
+  Args:
+    call: the update on per-device arrays.
+    block_size: the elements per block along the last axis.
+
+  Returns:
+    ``call``, partitioned (``custom_partitioning``, with a Shardy rule) and batchable.
+  """
+
+  @jax.custom_batching.custom_vmap
+  def update(g, hp, *state):
+    if AxisType.Manual in jax.typeof(g).sharding.mesh.axis_types:  # in shard_map: per device already
+      return tuple(call(g, hp, *state))
+    op = custom_partitioning(call)
+    rule, factors = _block_rule(tuple(g.shape), jnp.ndim(hp), len(state), block_size)
+    op.def_partition(partition=lambda *a: _partition(call, block_size, *a), sharding_rule=rule, **factors)
+    return tuple(op(g, hp, *state))
+
+  @update.def_vmap
+  def _batched(axis_size, in_batched, g, hp, *state):
+    operands = [
+        x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+        for x, batched in zip((g, hp, *state), in_batched)
+    ]
+    out = partitioned_by_blocks(call, block_size)(*operands)
+    return out, (True,) * len(out)
+
+  return update
+
+
+def _is_spec(x: Any) -> bool:
+  return isinstance(x, (NamedSharding, PartitionSpec))
+
+
+def _fits(leaf: Any, spec: Spec) -> bool:
+  """Whether a state leaf can take a parameter's sharding (its rank is at least the spec's)."""
+  shape = leaf.shape if qz.is_quantized(leaf) else getattr(leaf, "shape", None)
+  spec = spec.spec if isinstance(spec, NamedSharding) else spec
+  return shape is not None and len(spec) <= len(shape)
+
+
+def state_sharding(abstract_state: Any, params_sharding: Any, *, mesh: Any = None) -> Any:
+  """The optimizer state's shardings, derived from the parameters' ones.
+
+  Walks the state (from ``jax.eval_shape(tx.init, params)``): every subtree with the
+  params' tree structure (a moment tree of :class:`~optax8.QuantizedArray`\\ s or arrays, or
+  any other params-shaped tree such as ``optax.MultiSteps``' accumulated gradients) takes the
+  params' shardings; everything else (step counts, hyperparameters) is replicated. A
+  quantized moment's codes take its parameter's sharding, its absmax the same spec, except
+  that a last axis cut into pieces that are not whole blocks stays unsharded in the absmax
+  (optax8 warns once, naming the parameter and a block size that would fit). Works for any
+  optax state, so chains mixing optax8 and optax transformations are covered.
+
+  Use it to create the state already sharded, and to restore an Orbax checkpoint onto a
+  mesh (any mesh: the state's layout does not depend on it)::
+
+    params_sharding = jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs)
+    abstract_state = jax.eval_shape(tx.init, params)
+    shardings = optax8.state_sharding(abstract_state, params_sharding)
+    state = jax.jit(tx.init, out_shardings=shardings)(params)
+    # Restoring instead:
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    state = orbax.checkpoint.StandardCheckpointer().restore(path, target)
+
+  With Flax, take the params' specs from their partitioning metadata
+  (``nn.with_partitioning``, ``nnx.with_partitioning``, or logical axis names)::
+
+    # linen
+    abstract = jax.eval_shape(model.init, key, x)
+    param_specs = nn.get_partition_spec(abstract)["params"]
+    # logical axis names: nn.logical_to_mesh_sharding(param_specs, mesh, rules)
+    abstract_state = jax.eval_shape(tx.init, nn.unbox(abstract)["params"])
+    # NNX
+    params = nnx.state(model, nnx.Param)
+    param_specs = nnx.get_partition_spec(params)
+    abstract_state = jax.eval_shape(tx.init, params)
+
+  Args:
+    abstract_state: the optimizer state or its ``jax.eval_shape``.
+    params_sharding: a tree with the params' structure of ``NamedSharding``\\ s or of
+      ``PartitionSpec``\\ s.
+    mesh: the mesh (or ``AbstractMesh``) that ``PartitionSpec``\\ s refer to, by default the
+      one set by ``jax.set_mesh``; only its axis sizes are read, to tell whether a sharded
+      last axis splits into whole blocks (``NamedSharding``\\ s carry their own).
+
+  Returns:
+    A tree with the state's structure holding ``NamedSharding``\\ s, or ``PartitionSpec``\\ s
+    when ``params_sharding`` holds them: usable as ``out_shardings``, in
+    ``jax.ShapeDtypeStruct(..., sharding=)`` or with ``jax.device_put``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax8
+    >>> from jax.sharding import AbstractMesh, PartitionSpec as P
+    >>> tx = optax8.adamw8bit(1e-3)
+    >>> params = {"w": jnp.zeros((1024, 512)), "b": jnp.zeros((512,))}
+    >>> specs = optax8.state_sharding(
+    ...     jax.eval_shape(tx.init, params), {"w": P("fsdp", "tp"), "b": P()},
+    ...     mesh=AbstractMesh((4, 2), ("fsdp", "tp")))
+    >>> mu = specs[0].mu
+    >>> mu["w"].codes, mu["w"].absmax, mu["b"], specs[0].count
+    (P('fsdp', 'tp'), P('fsdp', 'tp'), P(), P())
+  """
+  shardings, params_def = jax.tree.flatten(params_sharding, is_leaf=_is_spec)
+  for x in shardings:
+    if not _is_spec(x):
+      raise TypeError(f"params_sharding must hold NamedShardings or PartitionSpecs, got {x!r}.")
+  named = [x for x in shardings if isinstance(x, NamedSharding)]
+  replicated = NamedSharding(named[0].mesh, PartitionSpec()) if named else PartitionSpec()
+  labels = labels_lib.resolve_labels(params_sharding, None) if shardings else []
+
+  def is_params_shaped(node: Any) -> bool:
+    leaves, treedef = jax.tree.flatten(node, is_leaf=qz.is_quantized)
+    return treedef == params_def and all(_fits(x, s) for x, s in zip(leaves, shardings))
+
+  def absmax_sharding(label: str, sharding: Spec, q: qz.QuantizedArray) -> Spec:
+    if isinstance(sharding, NamedSharding):
+      return sharding.update(spec=absmax_spec(label, sharding.spec, q.shape, q.block_size, sharding.mesh))
+    axes = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    if axes.empty and _last_axis_names(sharding, q.shape):
+      raise ValueError(
+          f"state_sharding: {label!r} is sharded on its last axis by {sharding}; pass mesh= (or call it "
+          "under jax.set_mesh) so that optax8 can tell whether its blocks split evenly."
+      )
+    return absmax_spec(label, sharding, q.shape, q.block_size, axes)
+
+  def place(node: Any) -> Any:
+    if not is_params_shaped(node):
+      return jax.tree.map(lambda _: replicated, node)
+    leaves, treedef = jax.tree.flatten(node, is_leaf=qz.is_quantized)
+    return treedef.unflatten([
+        dataclasses.replace(x, codes=s, absmax=absmax_sharding(label, s, x)) if qz.is_quantized(x) else s
+        for x, s, label in zip(leaves, shardings, labels)
+    ])
+
+  return jax.tree.map(place, abstract_state, is_leaf=lambda node: qz.is_quantized(node) or is_params_shaped(node))

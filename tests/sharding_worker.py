@@ -1,0 +1,315 @@
+"""Sharded training runs for test_sharding.py, each in a fresh process with simulated devices.
+
+Run as a script, ``python sharding_worker.py SECTION OUT [ARGS...]``, with ``XLA_FLAGS`` giving
+the number of simulated CPU devices: it runs one section and writes what it measured to
+``OUT`` (JSON; ``multiprocess`` also writes the trained trees next to it as ``.npz``). The
+gradients are inputs made on the host, so every run sees the same ones whatever the device
+layout, and results can be compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import re
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax8
+from optax8._src import native
+
+MESH_AXES = ("fsdp", "tp")
+MESH_SHAPE = (4, 2)
+MODES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
+IMPLEMENTATIONS = {"native": "auto", "reference": "reference"}
+STEPS = 3
+# name: (shape, spec). The bias has fewer than min_8bit_size elements: 32-bit moments.
+PARAMS = {
+    "fsdp": ((256, 512), P("fsdp", None)),
+    "tensor_parallel": ((128, 1024), P(None, "tp")),
+    "two_d": ((256, 1024), P("fsdp", "tp")),
+    "replicated": ((16, 512), P()),
+    "bias": ((512,), P("tp")),
+}
+# Ensemble members under vmap: a leading, unsharded member axis.
+ENSEMBLE = {"fsdp": ((4, 64, 512), P(None, "fsdp", None)), "two_d": ((4, 128, 512), P(None, "fsdp", "tp"))}
+# Last axes sharded in pieces that are not whole blocks of 256 elements: 384 / 2 and 300 / 2.
+PARTIAL = {"w": ((64, 384), P("fsdp", "tp")), "v": ((32, 300), P(None, "tp"))}
+COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
+
+
+def optimizer() -> optax.GradientTransformation:
+  return optax8.adamw8bit(1e-2, weight_decay=0.1)
+
+
+def counterpart() -> optax.GradientTransformation:
+  """The same step with optax's 32-bit AdamW."""
+  return optax.adamw(1e-2, weight_decay=0.1)
+
+
+def host_params(layout: dict, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return {k: (rng.standard_normal(shape) * 0.1).astype(np.float32) for k, (shape, _) in layout.items()}
+
+
+def host_grads(layout: dict, steps: int = STEPS) -> list[dict[str, np.ndarray]]:
+  return [host_params(layout, seed=1 + i) for i in range(steps)]
+
+
+def step_fn(tx: optax.GradientTransformation) -> Callable:
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def scanned_members_step_fn(tx: optax.GradientTransformation) -> Callable:
+  """Every step in one call: ``lax.scan`` over the steps' gradients of ``vmap``-ed members."""
+  member_step = jax.vmap(step_fn(tx))
+  return lambda params, state, grads: jax.lax.scan(
+      lambda carry, g: (member_step(*carry, g), None), (params, state), grads
+  )[0]
+
+
+class Case(NamedTuple):
+  layout: dict
+  init: Callable[[optax.GradientTransformation], Callable]
+  step: Callable[[optax.GradientTransformation], Callable]
+  scanned: bool  # one call with the steps' gradients stacked, or one call per step
+
+
+CASES = {
+    "step": Case(PARAMS, lambda tx: tx.init, step_fn, False),
+    "scan_vmap": Case(ENSEMBLE, lambda tx: jax.vmap(tx.init), scanned_members_step_fn, True),
+}
+
+
+def gradient_inputs(case: Case) -> list[dict[str, np.ndarray]]:
+  grads = host_grads(case.layout)
+  return [jax.tree.map(lambda *g: np.stack(g), *grads)] if case.scanned else grads
+
+
+def train(step: Callable, params: Any, state: Any, inputs: list) -> tuple[Any, Any]:
+  """Calls ``step`` (jitted or compiled) once per input."""
+  for g in inputs:
+    params, state = step(params, state, g)
+  return params, state
+
+
+def run_on_one_device(case: Case) -> tuple[Any, Any]:
+  tx, params = optimizer(), host_params(case.layout)
+  return train(jax.jit(case.step(tx)), params, case.init(tx)(params), gradient_inputs(case))
+
+
+def collectives(hlo: str) -> dict[str, int]:
+  return dict(collections.Counter(COLLECTIVE.findall(hlo)))
+
+
+def flat(tree: Any) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def differences(expected: Any, actual: Any) -> list[str]:
+  """Paths of the leaves whose bits differ."""
+  expected, actual = flat(expected), flat(actual)
+  assert expected.keys() == actual.keys()
+  return [k for k in expected if not np.array_equal(expected[k], actual[k])]
+
+
+def pieces(sharding: NamedSharding) -> int:
+  """Into how many pieces ``sharding`` cuts an array."""
+  names = [n for entry in sharding.spec if entry is not None for n in ((entry,) if isinstance(entry, str) else entry)]
+  return math.prod(sharding.mesh.shape[n] for n in names)
+
+
+def misplaced(tree: Any, shardings: Any) -> list[str]:
+  """Leaves not placed as ``shardings`` says, or of which a device holds more than its share."""
+  wrong = []
+  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(shardings)):
+    held = leaf.addressable_shards[0].data.size
+    if not leaf.sharding.is_equivalent_to(sharding, leaf.ndim) or held * pieces(sharding) != leaf.size:
+      wrong.append(f"{jax.tree_util.keystr(path)}: {leaf.sharding.spec}, a device holds {held} of {leaf.size}")
+  return wrong
+
+
+def placement(mesh: Any, layout: dict, leading: int = 0) -> dict[str, NamedSharding]:
+  """Each parameter's sharding (``leading`` more unsharded axes in front)."""
+  return {k: NamedSharding(mesh, P(*(None,) * leading, *spec)) for k, (_, spec) in layout.items()}
+
+
+def sharded_init(tx: optax.GradientTransformation, init: Callable, params: Any, params_sharding: Any) -> tuple:
+  """The state made under ``jit`` with the helper's shardings, and those shardings."""
+  state_sharding = optax8.state_sharding(jax.eval_shape(init, params), params_sharding)
+  return jax.jit(init, out_shardings=state_sharding)(params), state_sharding
+
+
+def changed_types(before: Any, after: Any) -> list[str]:
+  """Paths of the leaves whose types (shardings included) differ."""
+  typed = lambda tree: {k: jax.typeof(v) for k, v in zip(flat(tree), jax.tree.leaves(tree))}
+  before, after = typed(before), typed(after)
+  return [k for k in before if before[k] != after[k]]
+
+
+def sharded_run(case: Case, mesh: Any) -> tuple[dict, tuple]:
+  """Initialises, compiles and runs ``case`` on ``mesh``; returns what it saw and the results."""
+  tx, adamw = optimizer(), counterpart()
+  params_sharding = placement(mesh, case.layout)
+  params = jax.device_put(host_params(case.layout), params_sharding)
+  grads_sharding = placement(mesh, case.layout, leading=int(case.scanned))
+  inputs = [jax.device_put(g, grads_sharding) for g in gradient_inputs(case)]
+  state, state_sharding = sharded_init(tx, case.init(tx), params, params_sharding)
+  facts = {"init_misplaced": misplaced(state, state_sharding)}
+  if mesh.axis_types[0] == AxisType.Explicit:
+    facts["eager_init_misplaced"] = misplaced(case.init(tx)(params), state_sharding)
+  step = jax.jit(case.step(tx)).lower(params, state, inputs[0]).compile()
+  adamw_state = jax.jit(case.init(adamw))(params)
+  adamw_step = jax.jit(case.step(adamw)).lower(params, adamw_state, inputs[0]).compile()
+  facts["collectives"] = collectives(step.as_text())
+  facts["counterpart_collectives"] = collectives(adamw_step.as_text())
+  facts["custom_call"] = native.TARGET in step.as_text()
+  trained = train(step, params, state, inputs)
+  facts["types_changed"] = changed_types(state, trained[1])
+  facts["state_misplaced"] = misplaced(trained[1], state_sharding)
+  return facts, trained
+
+
+def make_mesh(axis_type: AxisType, shape: tuple[int, ...] = MESH_SHAPE) -> jax.sharding.Mesh:
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(axis_type,) * len(MESH_AXES))
+
+
+def shard_mapped_run(mesh: Any) -> tuple[dict, tuple]:
+  """The step of ``CASES["step"]`` inside ``shard_map``, with the helper's specs."""
+  tx, params_sharding = optimizer(), placement(mesh, PARAMS)
+  params = jax.device_put(host_params(PARAMS), params_sharding)
+  grads = [jax.device_put(g, params_sharding) for g in host_grads(PARAMS)]
+  state, state_sharding = sharded_init(tx, tx.init, params, params_sharding)
+  specs = jax.tree.map(lambda s: s.spec, (params_sharding, state_sharding))
+  step = jax.shard_map(step_fn(tx), in_specs=(*specs, specs[0]), out_specs=specs)
+  compiled = jax.jit(step).lower(params, state, grads[0]).compile()
+  facts = {"collectives": collectives(compiled.as_text()), "custom_call": native.TARGET in compiled.as_text()}
+  return facts, train(compiled, params, state, grads)
+
+
+def matrix(implementation: str) -> dict:
+  """Every case in every mode with one implementation: placement, communication, bits."""
+  optax8.set_implementation(IMPLEMENTATIONS[implementation])
+  results = {"native_usable": native._kernel_usable()}
+  expected = {name: run_on_one_device(case) for name, case in CASES.items()}
+  for mode, axis_type in MODES.items():
+    mesh = make_mesh(axis_type)
+    for name, case in CASES.items():
+      with jax.set_mesh(mesh):
+        facts, result = sharded_run(case, mesh)
+      facts["differs_from_one_device"] = differences(expected[name], result)
+      results[f"{name}-{mode}"] = facts
+    with jax.set_mesh(mesh):
+      facts, result = shard_mapped_run(mesh)
+    facts["differs_from_one_device"] = differences(expected["step"], result)
+    results[f"shard_map-{mode}"] = facts
+  return results
+
+
+def partial_blocks(implementation: str) -> dict:
+  """Last axes sharded in pieces that are not whole blocks: warnings, types and bits."""
+  optax8.set_implementation(IMPLEMENTATIONS[implementation])
+  results = {}
+  expected = run_on_one_device(Case(PARTIAL, lambda tx: tx.init, step_fn, False))
+  for mode, axis_type in MODES.items():
+    mesh = make_mesh(axis_type)
+    tx, params_sharding = optimizer(), placement(mesh, PARTIAL)
+    with warnings.catch_warnings(record=True) as caught, jax.set_mesh(mesh):
+      warnings.simplefilter("always")
+      params = jax.device_put(host_params(PARTIAL), params_sharding)
+      state = tx.init(params)
+      sharded_init(tx, tx.init, params, params_sharding)
+      grads = [jax.device_put(g, params_sharding) for g in host_grads(PARTIAL)]
+      trained = train(jax.jit(step_fn(tx)), params, state, grads)
+    results[mode] = {
+        "warnings": [str(w.message) for w in caught if str(w.message).startswith("optax8")],
+        "types_changed": changed_types(state, trained[1]),
+        "differs_from_one_device": differences(expected, trained),
+    }
+  return results
+
+
+def checkpoint(folder: str) -> dict:
+  """Saved on one mesh, restored onto another, trained on: the same bits as without sharding."""
+  import orbax.checkpoint as ocp
+
+  tx, grads, params = optimizer(), host_grads(PARAMS, 2 * STEPS), host_params(PARAMS)
+  step = jax.jit(step_fn(tx))
+  expected = train(step, params, tx.init(params), grads)
+  checkpointer = ocp.StandardCheckpointer()
+  save_mesh = make_mesh(AxisType.Auto)
+  with jax.set_mesh(save_mesh):
+    params_sharding = placement(save_mesh, PARAMS)
+    params = jax.device_put(params, params_sharding)
+    state, _ = sharded_init(tx, tx.init, params, params_sharding)
+    trained = train(step, params, state, [jax.device_put(g, params_sharding) for g in grads[:STEPS]])
+    checkpointer.save(folder, {"params": trained[0], "state": trained[1]})
+    checkpointer.wait_until_finished()
+  restore_mesh = make_mesh(AxisType.Explicit, MESH_SHAPE[::-1])
+  with jax.set_mesh(restore_mesh):
+    params_sharding = placement(restore_mesh, PARAMS)
+    abstract = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), host_params(PARAMS))}
+    abstract["state"] = jax.eval_shape(tx.init, abstract["params"])
+    shardings = {"params": params_sharding, "state": optax8.state_sharding(abstract["state"], params_sharding)}
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    restored = checkpointer.restore(folder, target)
+    facts = {"restored_misplaced": misplaced(restored, shardings)}
+    grads = [jax.device_put(g, params_sharding) for g in grads[STEPS:]]
+    facts["differs_from_unsharded"] = differences(expected, train(step, restored["params"], restored["state"], grads))
+  return facts
+
+
+def global_arrays(tree: Any, shardings: Any) -> Any:
+  """Arrays over every process's devices, each process holding the same host values."""
+  return jax.tree.map(lambda a, s: jax.make_array_from_callback(a.shape, s, lambda index: a[index]), tree, shardings)
+
+
+def multiprocess(process_id: int, port: int, out: str) -> dict:
+  """One of two processes training together; process 0 also writes the trained trees."""
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+  tx, trees = optimizer(), {}
+  facts = {"devices": jax.device_count(), "local_devices": jax.local_device_count()}
+  for mode, axis_type in MODES.items():
+    mesh = make_mesh(axis_type)
+    params_sharding = placement(mesh, PARAMS)
+    with jax.set_mesh(mesh):
+      params = global_arrays(host_params(PARAMS), params_sharding)
+      grads = [global_arrays(g, params_sharding) for g in host_grads(PARAMS)]
+      state, _ = sharded_init(tx, tx.init, params, params_sharding)
+      step = jax.jit(step_fn(tx)).lower(params, state, grads[0]).compile()
+      facts[f"{mode}-custom_call"] = native.TARGET in step.as_text()
+      trained = multihost_utils.process_allgather(train(step, params, state, grads), tiled=True)
+    trees.update({f"{mode}{k}": v for k, v in flat(trained).items()})
+  if process_id == 0:
+    np.savez(out + ".npz", **trees)
+  return facts
+
+
+SECTIONS = {"matrix": matrix, "partial_blocks": partial_blocks, "checkpoint": checkpoint, "multiprocess": multiprocess}
+
+
+def main(argv: list[str]) -> None:
+  section, out, *args = argv
+  if section == "multiprocess":
+    args = [int(args[0]), int(args[1]), out]
+  facts = SECTIONS[section](*args)
+  with open(out, "w") as f:
+    json.dump(facts, f)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
