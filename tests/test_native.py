@@ -9,11 +9,14 @@ import subprocess
 import sys
 import warnings
 
+import hypothesis
+import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import strategies as st
 
 import optax8
 from optax8._src import moments as moments_lib
@@ -201,6 +204,36 @@ def test_parity_several_steps_of_optimizers():
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
     for a, b in zip(jax.tree.leaves(u_native), jax.tree.leaves(u_ref)):
       np.testing.assert_allclose(a, b, rtol=2e-6, err_msg=name)
+
+
+HYPERPARAMETER_RANGES = {  # what each randomised hyperparameter may be
+    "b1": (0.0, 0.99), "b2": (0.5, 0.9999), "b3": (0.9, 0.9999), "decay": (0.0, 0.99),
+    "eps": (1e-10, 1e-3), "eps_root": (0.0, 1e-6), "alpha": (0.0, 10.0),
+}
+
+
+@parity
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(
+    name=st.sampled_from(sorted(FAMILIES)),
+    shape=hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=70).filter(lambda s: np.prod(s) <= 30_000),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),
+    block_size=st.sampled_from([1, 7, 32, 64, 256, 1000]),
+    count=st.integers(1, 1000),
+    seed=st.integers(0, 2**31 - 1),
+    fractions=st.lists(st.floats(0.0, 1.0), min_size=len(HYPERPARAMETER_RANGES), max_size=len(HYPERPARAMETER_RANGES)),
+)
+def test_parity_random_shapes_dtypes_block_sizes_and_hyperparameters(
+    name, shape, dtype, block_size, count, seed, fractions
+):
+  family, static, hyper = FAMILIES[name]
+  drawn = {k: lo + f * (hi - lo) for (k, (lo, hi)), f in zip(HYPERPARAMETER_RANGES.items(), fractions)}
+  hyper = {k: drawn.get(k, v) for k, v in hyper.items()}
+  rng = np.random.default_rng(seed)
+  moments = random_moments(rng, family, shape, block_size)
+  g = random_gradient(rng, shape, dtype, block_size)
+  assert_same(*both(family, static, g, moments, family.scalars(jnp.int32(count), **hyper)),
+              rtol=2e-6 if dtype == jnp.float32 else float(jnp.finfo(dtype).eps))
 
 
 @parity
