@@ -54,7 +54,7 @@ def run_procedure(name, shape, dtype, seed=0):
     err = np.abs(p_ref - p)
     # bitsandbytes floors |p| at 1e-9; a 16-bit parameter that rounds to 0 in one run and not in
     # the other would dominate that mean, so 16-bit runs floor it at their resolution's tenth.
-    floor = 1e-9 if dtype == jnp.float32 else float(np.finfo(dtype).resolution) / 10
+    floor = 1e-9 if dtype == jnp.float32 else float(jnp.finfo(dtype).resolution) / 10
     rel = err / (np.abs(p_ref) + floor)
     worst["param_abs"] = max(worst["param_abs"], float(err.mean()))
     worst["param_rel"] = max(worst["param_rel"], float(rel.mean()))
