@@ -42,7 +42,7 @@ def numpy_quantize(x: np.ndarray, block_size: int, signed: bool):
   blocks = padded.reshape(x.shape[:-1] + (nb, block_size))
   absmax = np.abs(blocks).max(-1)
   safe = np.where(absmax == 0, np.float32(1), absmax)
-  codes = brute_force_codes(blocks / safe[..., None], signed)
+  codes = brute_force_codes(blocks * (np.float32(1) / safe)[..., None], signed)  # as documented: x * (1 / absmax)
   return codes.reshape(padded.shape)[..., :n], absmax
 
 
