@@ -295,12 +295,18 @@ constexpr DeviceTables MakeDeviceTables() {
 }
 
 __device__ constexpr DeviceTables kDeviceTables = MakeDeviceTables();
+
+// Device code looks the tables up here, in the thread block's shared memory, where lookups at
+// data-dependent addresses cost a few bank conflicts instead of a cache line each. A kernel copies
+// kDeviceTables into it before its first Encode or Decode (the signed parts alone suffice for a
+// kernel that never uses the unsigned map).
+extern __shared__ DeviceTables kSharedTables[];
 #endif
 
 template <bool kSigned>
 OPTAX8_HD const float* MapFor() {
 #if defined(__CUDA_ARCH__)
-  return kSigned ? kDeviceTables.signed_map : kDeviceTables.unsigned_map;
+  return kSigned ? kSharedTables->signed_map : kSharedTables->unsigned_map;
 #else
   return kSigned ? kSignedMap : kUnsignedMap;
 #endif
@@ -310,9 +316,9 @@ template <bool kSigned>
 OPTAX8_HD const auto& EncodeTableFor() {
 #if defined(__CUDA_ARCH__)
   if constexpr (kSigned) {
-    return kDeviceTables.signed_encode;
+    return kSharedTables->signed_encode;
   } else {
-    return kDeviceTables.unsigned_encode;
+    return kSharedTables->unsigned_encode;
   }
 #else
   if constexpr (kSigned) {

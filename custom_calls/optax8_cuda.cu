@@ -1,0 +1,430 @@
+// The fused 8-bit optimizer update for XLA:GPU (CUDA), as one XLA FFI handler.
+//
+// The operands, results, attributes, validation and per-block results are the CPU kernel's
+// (optax8_cpu.cc): for each quantization block, decode the moments, run the family's float32
+// math (optax8_math.h, compiled here for the device), take the new absmax and re-encode. The
+// codes and absmax equal the CPU kernel's bit for bit, given the same inputs and no subnormal
+// floats (XLA:CPU flushes those to zero, XLA:GPU does not).
+//
+// One warp updates one quantization block, holding up to kChunk of its elements in registers:
+// every load of a chunk is issued before the first use, then the block's peak |moment| is a
+// warp reduction and the lanes encode and store. A block longer than kChunk is stepped twice:
+// once for its peak, once more to store it (the same arithmetic gives the same values). A
+// persistent grid of thread blocks walks the quantization blocks, each thread block copying the
+// code tables into its shared memory once. Everything runs on XLA's stream: no allocation, no
+// synchronisation, no host copy (hp is read on the device), and the launch depends only on the
+// shapes and attributes, so the call may be captured into a CUDA graph.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+#include "optax8_math.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace optax8 {
+namespace {
+
+constexpr int kMaxMoments = 3;
+constexpr int kWarp = 32;
+// Elements a lane holds per chunk; kChunk = 256, the default block size, is one chunk.
+constexpr int kItems = 8;
+constexpr int kChunk = kWarp * kItems;
+constexpr int kThreads = 256;
+constexpr int kWarpsPerBlock = kThreads / kWarp;
+
+struct MomentBuffers {
+  const uint8_t* codes;
+  const float* absmax;
+  uint8_t* new_codes;
+  float* new_absmax;
+};
+
+// One call's work, described by plain pointers and sizes (passed to the kernel by value).
+struct Job {
+  const void* g;
+  void* update;
+  const float* hp;
+  int64_t row_length;      // the last axis
+  int64_t row_blocks;      // blocks per row
+  int64_t block_size;
+  int64_t rows_per_group;  // rows sharing one hp vector
+  int64_t total_blocks;
+  MomentBuffers moments[kMaxMoments];
+};
+
+template <class F>
+constexpr uint32_t SignedMask() {
+  uint32_t mask = 0;
+  for (int k = 0; k < F::kMoments; ++k) mask |= F::kSigned[k] ? 1u << k : 0u;
+  return mask;
+}
+
+// Bit k: moment k of family F uses the signed map.
+template <class F>
+inline constexpr uint32_t kSignedMaskOf = SignedMask<F>();
+
+// The shared-memory tables a family's kernel reads: all of them, or the signed ones (laid out
+// first) when no moment uses the unsigned map.
+template <class F>
+inline constexpr size_t kSharedTableBytes =
+    kSignedMaskOf<F> == (1u << F::kMoments) - 1 ? offsetof(DeviceTables, unsigned_encode) : sizeof(DeviceTables);
+static_assert(sizeof(DeviceTables) % 4 == 0 && offsetof(DeviceTables, unsigned_encode) % 4 == 0,
+              "the tables are copied in 32-bit words");
+
+// The gradient's dtype to float32 and back: exact, and rounding to nearest even.
+__device__ __forceinline__ float ToFloat(float x) { return x; }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
+
+template <class T>
+__device__ __forceinline__ T FromFloat(float x) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(x);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(x);
+  } else {
+    return x;
+  }
+}
+
+__device__ __forceinline__ bool Finite(float x) { return (FloatToBits(x) & 0x7F800000u) != 0x7F800000u; }
+
+template <class F>
+__device__ __forceinline__ float DecodeMoment(int k, uint32_t code, float absmax) {
+  return (kSignedMaskOf<F> >> k) & 1u ? Decode<true>(code, absmax) : Decode<false>(code, absmax);
+}
+
+template <class F>
+__device__ __forceinline__ uint32_t EncodeMoment(int k, float x) {
+  return (kSignedMaskOf<F> >> k) & 1u ? Encode<true>(x) : Encode<false>(x);
+}
+
+// The new moments of a lane's elements of one chunk: lane + kWarp * i for i < kItems.
+template <int K>
+struct Chunk {
+  float moments[K][kItems];
+};
+
+// Steps the lane's elements of [start, start + n), n <= kChunk, with the CPU kernel's
+// per-element semantics: a non-finite gradient element counts as 0, and it or a moment that
+// overflows resets the element's moments to +0 and gives it a zero update. Stores the update
+// when kStore (it needs no absmax, so it leaves the registers at once). Elements at or past n
+// compute on zeros and are never stored.
+template <class F, int kFlags, class T, bool kStore>
+__device__ __forceinline__ void StepChunk(const Job& job, int64_t start, int n, int lane,
+                                          const float (&absmax)[F::kMoments], const typename F::Consts& consts,
+                                          Chunk<F::kMoments>& out) {
+  constexpr int K = F::kMoments;
+  const T* g = static_cast<const T*>(job.g) + start;
+  T* u = static_cast<T*>(job.update) + start;
+  float grad[kItems];
+  uint32_t codes[K][kItems];
+  // Every load first, so that all of them are in flight together.
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int j = i * kWarp + lane;
+    const bool valid = j < n;
+    grad[i] = valid ? ToFloat(g[j]) : 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) codes[k][i] = valid ? job.moments[k].codes[start + j] : 0u;
+  }
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    if (i * kWarp >= n) break;  // the same for the whole warp
+    bool keep = Finite(grad[i]);
+    float m[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) m[k] = DecodeMoment<F>(k, codes[k][i], absmax[k]);
+    const float update = F::template Step<kFlags>(keep ? grad[i] : 0.0f, m, consts);
+#pragma unroll
+    for (int k = 0; k < K; ++k) keep = keep && Finite(m[k]);
+    // In place when the update aliases the gradient: every element was read above.
+    if (kStore && i * kWarp + lane < n) u[i * kWarp + lane] = FromFloat<T>(keep ? update : 0.0f);
+#pragma unroll
+    for (int k = 0; k < K; ++k) out.moments[k][i] = keep ? m[k] : 0.0f;
+  }
+}
+
+// The running peak |moment| of the lane's elements below n, as float bits (for non-negative
+// floats the integer order of the bits is the float order, as in the CPU kernel).
+template <int K>
+__device__ __forceinline__ void AccumulatePeak(const Chunk<K>& chunk, int n, int lane, uint32_t (&peak)[K]) {
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    if (i * kWarp + lane >= n) break;
+#pragma unroll
+    for (int k = 0; k < K; ++k) peak[k] = max(peak[k], FloatToBits(chunk.moments[k][i]) & 0x7FFFFFFFu);
+  }
+}
+
+template <int K>
+__device__ __forceinline__ void WarpMax(uint32_t (&peak)[K]) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) peak[k] = __reduce_max_sync(0xFFFFFFFFu, peak[k]);
+}
+
+// Stores the new codes of the lane's elements below n, given the block's peaks.
+template <class F>
+__device__ __forceinline__ void StoreCodes(const Job& job, int64_t start, int n, int lane,
+                                           const Chunk<F::kMoments>& chunk, const uint32_t (&peak)[F::kMoments]) {
+  constexpr int K = F::kMoments;
+  float scale[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    // As quantize_blockwise: times 1 / absmax, with 1 for an all-zero block.
+    const float absmax = BitsToFloat(peak[k]);
+    scale[k] = 1.0f / (absmax == 0.0f ? 1.0f : absmax);
+  }
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int j = i * kWarp + lane;
+    if (j >= n) break;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      job.moments[k].new_codes[start + j] = static_cast<uint8_t>(EncodeMoment<F>(k, chunk.moments[k][i] * scale[k]));
+    }
+  }
+}
+
+// Registers bound the thread blocks per multiprocessor (the tables allow 4 on sm_90, 3 on
+// sm_80); 3 (2 with three moments) leave enough registers to hold a chunk with little spilling.
+template <class F, int kFlags, class T>
+__global__ void __launch_bounds__(kThreads, F::kMoments > 2 ? 2 : 3) UpdateKernel(const Job job) {
+  constexpr int K = F::kMoments;
+  {
+    const uint32_t* from = reinterpret_cast<const uint32_t*>(&kDeviceTables);
+    uint32_t* to = reinterpret_cast<uint32_t*>(kSharedTables);
+    for (int w = threadIdx.x; w < static_cast<int>(kSharedTableBytes<F> / 4); w += kThreads) to[w] = from[w];
+    __syncthreads();
+  }
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  int64_t group = -1;
+  typename F::Consts consts{};
+  // Each warp's blocks; no thread block synchronises past this point.
+  for (int64_t block = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+       block < job.total_blocks; block += warps) {
+    const int64_t row = block / job.row_blocks;
+    const int64_t column = (block - row * job.row_blocks) * job.block_size;
+    const int64_t offset = row * job.row_length + column;
+    const int64_t n = min(job.block_size, job.row_length - column);
+    if (row / job.rows_per_group != group) {
+      group = row / job.rows_per_group;
+      consts = F::Prepare(job.hp + group * F::kNumScalars);
+    }
+    float absmax[K];
+    uint32_t peak[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      absmax[k] = job.moments[k].absmax[block];
+      peak[k] = 0;
+    }
+    Chunk<K> chunk;
+    if (n > kChunk) {
+      // Longer than a chunk: the peak first, then each chunk again to store it.
+      for (int64_t base = 0; base < n; base += kChunk) {
+        const int m = static_cast<int>(min(static_cast<int64_t>(kChunk), n - base));
+        StepChunk<F, kFlags, T, false>(job, offset + base, m, lane, absmax, consts, chunk);
+        AccumulatePeak(chunk, m, lane, peak);
+      }
+      WarpMax(peak);
+    }
+    for (int64_t base = 0; base < n; base += kChunk) {
+      const int m = static_cast<int>(min(static_cast<int64_t>(kChunk), n - base));
+      StepChunk<F, kFlags, T, true>(job, offset + base, m, lane, absmax, consts, chunk);
+      if (n <= kChunk) {
+        AccumulatePeak(chunk, m, lane, peak);
+        WarpMax(peak);
+      }
+      StoreCodes<F>(job, offset + base, m, lane, chunk, peak);
+    }
+    // The new absmax may overwrite the old one in place: every lane has read it by now.
+    __syncwarp();
+    if (lane == 0) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) job.moments[k].new_absmax[block] = BitsToFloat(peak[k]);
+    }
+  }
+}
+
+using LaunchFn = cudaError_t (*)(cudaStream_t, const Job&);
+
+template <class F, int kFlags, class T>
+cudaError_t Launch(cudaStream_t stream, const Job& job) {
+  constexpr size_t kShared = kSharedTableBytes<F>;
+  const auto kernel = &UpdateKernel<F, kFlags, T>;
+  int device = 0;
+  int processors = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&processors, cudaDevAttrMultiProcessorCount, device);
+  // More than 48 KiB of dynamic shared memory takes an opt-in, which is per device.
+  if (status == cudaSuccess && kShared > 48 * 1024) {
+    status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kShared));
+  }
+  if (status != cudaSuccess) return status;
+  // Thread blocks resident per multiprocessor: the persistent grid fills them once.
+  static const int resident = [kernel] {
+    int blocks = 0;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, kShared) == cudaSuccess
+               ? std::max(blocks, 1)
+               : 1;
+  }();
+  const int64_t needed = (job.total_blocks + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  const int64_t grid = std::min<int64_t>(needed, static_cast<int64_t>(resident) * processors);
+  kernel<<<static_cast<unsigned>(grid), kThreads, kShared, stream>>>(job);
+  return cudaGetLastError();
+}
+
+// A family's kernels for one subset of its flags, by gradient dtype.
+struct Launchers {
+  LaunchFn f32, bf16, f16;
+};
+
+template <class F, int kFlags>
+inline constexpr Launchers kLaunchers = {&Launch<F, kFlags, float>, &Launch<F, kFlags, __nv_bfloat16>,
+                                         &Launch<F, kFlags, __half>};
+
+// Instantiates the kernels for each subset of the family's flags.
+template <class F, int kFlags = 0>
+const Launchers* SelectForFlags(int64_t flags) {
+  if constexpr (kFlags > (kNesterov | kEpsInSqrt | kBiasCorrection)) {
+    return nullptr;
+  } else if constexpr ((kFlags & ~F::kFlags) != 0) {
+    return SelectForFlags<F, kFlags + 1>(flags);
+  } else {
+    return flags == kFlags ? &kLaunchers<F, kFlags> : SelectForFlags<F, kFlags + 1>(flags);
+  }
+}
+
+const Launchers* SelectFamily(std::string_view family, int64_t flags, int* moments, int* num_scalars,
+                              uint32_t* signed_mask) {
+  auto describe = [&](auto family_tag) {
+    using F = decltype(family_tag);
+    *moments = F::kMoments;
+    *num_scalars = F::kNumScalars;
+    *signed_mask = kSignedMaskOf<F>;
+    return SelectForFlags<F>(flags);
+  };
+  if (family == "adam") return describe(Adam{});
+  if (family == "momentum") return describe(Momentum{});
+  if (family == "lion") return describe(Lion{});
+  if (family == "rmsprop") return describe(Rmsprop{});
+  if (family == "adagrad") return describe(Adagrad{});
+  if (family == "ademamix") return describe(Ademamix{});
+  *moments = 0;
+  return nullptr;
+}
+
+bool SameDims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+}
+
+// Validates as the CPU handler does, with its messages, then launches on XLA's stream.
+ffi::Error UpdateImpl(cudaStream_t stream, ffi::AnyBuffer g, ffi::Buffer<ffi::F32> hp, ffi::RemainingArgs state,
+                      ffi::Result<ffi::AnyBuffer> update, ffi::RemainingRets new_state, std::string_view family,
+                      int64_t block_size, int64_t flags, int64_t signed_mask) {
+  int moments = 0;
+  int num_scalars = 0;
+  uint32_t family_signed = 0;
+  const Launchers* launchers = SelectFamily(family, flags, &moments, &num_scalars, &family_signed);
+  if (moments == 0) return ffi::Error::InvalidArgument("optax8: unknown family " + std::string(family));
+  if (launchers == nullptr) return ffi::Error::InvalidArgument("optax8: flags not supported by " + std::string(family));
+  if (signed_mask != family_signed) return ffi::Error::InvalidArgument("optax8: wrong maps for " + std::string(family));
+  if (state.size() != 2 * static_cast<size_t>(moments) || new_state.size() != state.size()) {
+    return ffi::Error::InvalidArgument("optax8: wrong number of state buffers");
+  }
+  const ffi::DataType dtype = g.element_type();
+  LaunchFn launch = nullptr;
+  switch (dtype) {
+    case ffi::DataType::F32:
+      launch = launchers->f32;
+      break;
+    case ffi::DataType::BF16:
+      launch = launchers->bf16;
+      break;
+    case ffi::DataType::F16:
+      launch = launchers->f16;
+      break;
+    default:
+      return ffi::Error::InvalidArgument("optax8: the gradient must be float32, bfloat16 or float16");
+  }
+  const auto dims = g.dimensions();
+  if (dims.size() == 0 || block_size <= 0) return ffi::Error::InvalidArgument("optax8: bad rank or block size");
+  if (update->element_type() != dtype || !SameDims(update->dimensions(), dims)) {
+    return ffi::Error::InvalidArgument("optax8: the update must match the gradient");
+  }
+  const int64_t row_length = dims.back();
+  const int64_t elements = static_cast<int64_t>(g.element_count());
+  const int64_t rows = row_length == 0 ? 0 : elements / row_length;
+  const int64_t row_blocks = (row_length + block_size - 1) / block_size;
+  std::vector<int64_t> absmax_dims(dims.begin(), dims.end());
+  absmax_dims.back() = row_blocks;
+
+  Job job{g.untyped_data(), update->untyped_data(), hp.typed_data(), row_length, row_blocks, block_size, 1,
+          rows * row_blocks, {}};
+  for (int k = 0; k < moments; ++k) {
+    auto codes = state.get<ffi::Buffer<ffi::U8>>(2 * k);
+    auto absmax = state.get<ffi::Buffer<ffi::F32>>(2 * k + 1);
+    auto new_codes = new_state.get<ffi::Buffer<ffi::U8>>(2 * k);
+    auto new_absmax = new_state.get<ffi::Buffer<ffi::F32>>(2 * k + 1);
+    if (codes.has_error() || absmax.has_error() || new_codes.has_error() || new_absmax.has_error()) {
+      return ffi::Error::InvalidArgument("optax8: state buffers must be uint8 codes and float32 absmax");
+    }
+    const ffi::Span<const int64_t> expected(absmax_dims.data(), absmax_dims.size());
+    if (!SameDims(codes->dimensions(), dims) || !SameDims((*new_codes)->dimensions(), dims) ||
+        !SameDims(absmax->dimensions(), expected) || !SameDims((*new_absmax)->dimensions(), expected)) {
+      return ffi::Error::InvalidArgument("optax8: state shapes do not match the gradient");
+    }
+    job.moments[k] = {codes->typed_data(), absmax->typed_data(), (*new_codes)->typed_data(),
+                      (*new_absmax)->typed_data()};
+  }
+  const int64_t groups = static_cast<int64_t>(hp.element_count()) / num_scalars;
+  const auto hp_dims = hp.dimensions();
+  if (hp_dims.size() == 0 || hp_dims.back() != num_scalars || groups == 0 || rows % groups != 0) {
+    return ffi::Error::InvalidArgument("optax8: hyperparameters must have shape [..., " +
+                                       std::to_string(num_scalars) + "] batching the gradient's rows");
+  }
+  job.rows_per_group = rows / groups;
+  if (job.total_blocks == 0) return ffi::Error::Success();
+
+  const cudaError_t status = launch(stream, job);
+  if (status != cudaSuccess) {
+    // The error may also come from earlier asynchronous work on this device.
+    return ffi::Error::Internal(std::string("optax8: CUDA kernel launch failed: ") + cudaGetErrorString(status));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace optax8
+
+// Exported with default visibility: the library is built with hidden symbols otherwise.
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* Optax8CudaUpdate(XLA_FFI_CallFrame*);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Optax8CudaUpdate, optax8::UpdateImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()          // g
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // hp
+                                  .RemainingArgs()                // codes, absmax per moment
+                                  .Ret<ffi::AnyBuffer>()          // update
+                                  .RemainingRets()                // new codes, absmax per moment
+                                  .Attr<std::string_view>("family")
+                                  .Attr<int64_t>("block_size")
+                                  .Attr<int64_t>("flags")
+                                  .Attr<int64_t>("signed"));
+
+// The XLA FFI API version this library was compiled against, major * 1000 + minor.
+extern "C" __attribute__((visibility("default"))) int Optax8CudaFfiApiVersion() {
+  return XLA_FFI_API_MAJOR * 1000 + XLA_FFI_API_MINOR;
+}
