@@ -1,25 +1,30 @@
-"""The native CPU kernel: loading it, choosing it, and calling it.
+"""The native kernels: loading them, choosing them, and calling them.
 
-optax8 computes each parameter's 8-bit update in one of two ways:
+optax8 computes each parameter's 8-bit update in one of three ways:
 
 * the reference, :func:`optax8._src.moments.reference_leaf_update`, in pure ``jax.numpy``;
   it runs on every backend;
-* the native kernel, C++ called through the XLA FFI (``custom_calls/optax8_cpu.cc``): one
+* the native CPU kernel, C++ called through the XLA FFI (``custom_calls/optax8_cpu.cc``): one
   fused, multi-threaded call per parameter that reads the gradient and the quantized state
   once and writes the update and the new state once, in place when the caller donates them
-  (``jax.jit(step, donate_argnums=...)`` for the parameters and optimizer state).
+  (``jax.jit(step, donate_argnums=...)`` for the parameters and optimizer state);
+* the CUDA kernel (``custom_calls/optax8_cuda.cu``): the same call, with the same operands,
+  results and in-place aliasing, on XLA:GPU's stream.
 
-Both round every operation to float32 and give the same codes and absmax bit for bit, except
-that XLA:CPU on hosts with FMA contracts some ``a * b + c`` of the reference into one rounding
-(which ones depends on the surrounding program), so there a moment can differ in its last bit.
+All three round every operation to float32 and give the same codes and absmax bit for bit,
+except that XLA:CPU on hosts with FMA contracts some ``a * b + c`` of the reference into one
+rounding (which ones depends on the surrounding program), so there a moment can differ in its
+last bit; and that XLA:CPU flushes subnormal floats to zero where XLA:GPU keeps them.
 
-By default (``"auto"``) a parameter whose moments are all 8-bit uses the kernel when the
-computation runs on CPU, and the reference on any other platform
+By default (``"auto"``) a parameter whose moments are all 8-bit uses the kernel of the
+platform the computation runs on, CPU or CUDA, and the reference on any other platform
 (``jax.lax.platform_dependent``). :func:`set_implementation` or the environment variable
-``OPTAX8_IMPLEMENTATION`` choose otherwise. The shared library is loaded and registered with
-``jax.ffi`` the first time an update is traced, never at import; ``OPTAX8_NATIVE_LIBRARY``
-names another file to load instead of the one installed with the package. If the library is
-missing, or was built for an incompatible jaxlib, optax8 warns once and uses the reference.
+``OPTAX8_IMPLEMENTATION`` choose otherwise. Each shared library is loaded and registered with
+``jax.ffi`` (under one target name for both platforms) the first time an update is traced,
+never at import, and the CUDA one only when JAX has a CUDA backend. ``OPTAX8_NATIVE_LIBRARY``
+and ``OPTAX8_CUDA_LIBRARY`` name other files to load instead of the CPU and the CUDA library
+installed with the package. If a library is missing, or was built for an incompatible jaxlib,
+optax8 warns once and uses the reference on that platform.
 """
 
 from __future__ import annotations
@@ -33,12 +38,13 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from jaxlib import xla_client
 
 from optax8._src import quantization as qz
 from optax8._src import sharding as sharding_lib
@@ -49,6 +55,8 @@ IMPLEMENTATIONS = ("auto", "reference", "native")
 IMPLEMENTATION_ENV = "OPTAX8_IMPLEMENTATION"
 LIBRARY_ENV = "OPTAX8_NATIVE_LIBRARY"
 LIBRARY_NAME = "liboptax8_cpu" + (".dll" if sys.platform == "win32" else ".so")
+CUDA_LIBRARY_ENV = "OPTAX8_CUDA_LIBRARY"
+CUDA_LIBRARY_NAME = "liboptax8_cuda.so"
 # Versioned: a future change of operands or attributes gets a new name.
 TARGET = "optax8.update.v1"
 
@@ -65,20 +73,43 @@ SCALAR_ORDER = {
 FLAG_BITS = {"nesterov": 1, "eps_in_sqrt": 2, "bias_correction": 4}
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
+
+
+class _Library(NamedTuple):
+  """One platform's kernel library: how to find it and what it exports."""
+
+  description: str  # for messages
+  env: str  # the environment variable naming another file to load
+  name: str  # the file installed in the package
+  handler: str  # the FFI handler's symbol
+  version: str  # the symbol returning the XLA FFI API version it was built for
+  registry_platform: str  # its platform for jax.ffi.register_ffi_target
+
+
+LIBRARIES = {
+    "cpu": _Library("native CPU kernel", LIBRARY_ENV, LIBRARY_NAME, "Optax8CpuUpdate", "Optax8FfiApiVersion", "cpu"),
+    "cuda": _Library(
+        "CUDA kernel", CUDA_LIBRARY_ENV, CUDA_LIBRARY_NAME, "Optax8CudaUpdate", "Optax8CudaFfiApiVersion", "CUDA"
+    ),
+}
+
 _lock = threading.Lock()
 _implementation: str | None = None
-_problem: str | None = None  # why the kernel is unusable ("" when usable); None until tried
-_library: ctypes.CDLL | None = None  # kept referenced: XLA calls into it
+# Per kernel: why it is unusable ("" when usable; None until tried), and whether that was said.
+_problem: str | None = None  # the CPU kernel's
 _warned = False
+_cuda_problem: str | None = None
+_cuda_warned = False
+_libraries: dict[str, ctypes.CDLL] = {}  # the loaded libraries, kept referenced: XLA calls into them
 
 
 def set_implementation(name: str | None) -> None:
   """Chooses how optax8 computes 8-bit updates from now on.
 
-  * ``"auto"`` (default): the native kernel on CPU, the reference elsewhere;
+  * ``"auto"`` (default): the native kernel on CPU and on CUDA GPUs, the reference elsewhere;
   * ``"reference"``: always the pure ``jax.numpy`` reference;
-  * ``"native"``: like ``"auto"``, but raise instead of falling back when the native library
-    cannot be loaded.
+  * ``"native"``: like ``"auto"``, but raise instead of falling back when the kernel of a
+    platform that JAX has a backend for (CPU, and CUDA where present) cannot be loaded.
 
   The choice is made when an update is traced: functions already compiled by ``jax.jit``
   keep the implementation they were traced with.
@@ -110,65 +141,97 @@ def get_implementation() -> str:
   return name
 
 
-def _library_path() -> pathlib.Path:
-  override = os.environ.get(LIBRARY_ENV)
+def _library_path(platform: str = "cpu") -> pathlib.Path:
+  library = LIBRARIES[platform]
+  override = os.environ.get(library.env)
   if override:
     return pathlib.Path(override)
-  return pathlib.Path(str(importlib.resources.files("optax8") / LIBRARY_NAME))
+  return pathlib.Path(str(importlib.resources.files("optax8") / library.name))
 
 
-def _load() -> str:
-  """Loads and registers the kernel; returns why it is unusable, or "" when it is usable."""
-  global _library
+def _no_backend(platform: str) -> str:
+  return f"no {platform.upper()} backend"
+
+
+def _register_options(platform: str) -> dict[str, Any]:
+  if platform != "cuda":
+    return {}
+  # The CUDA kernel only launches work on XLA's stream: it allocates nothing, never
+  # synchronises or copies to the host, and its launch depends on shapes, attributes and the
+  # device alone, never on buffer contents. XLA may therefore capture it into its command
+  # buffers (CUDA graphs) with the rest of the step, instead of splitting the graph at every
+  # parameter. tests/test_gpu.py runs with command buffers on and off.
+  traits = getattr(xla_client, "CustomCallTargetTraits", None)
+  return {"traits": traits.COMMAND_BUFFER_COMPATIBLE} if traits is not None else {}
+
+
+def _load(platform: str = "cpu") -> str:
+  """Loads and registers a kernel; returns why it is unusable, or "" when it is usable."""
+  library_spec = LIBRARIES[platform]
   try:
-    # Register only after the CPU backend exists: registering an incompatible handler
+    # Register only after the platform's backend exists: registering an incompatible handler
     # before backend initialisation would make the backend itself fail to start.
-    jax.devices("cpu")
+    jax.devices(platform)
   except RuntimeError:
-    return "no CPU backend"
-  path = _library_path()
+    return _no_backend(platform)
+  path = _library_path(platform)
   if not path.is_file():
-    return f"{path} does not exist (optax8 was installed without its native kernel)"
+    return f"{path} does not exist (optax8 was installed without its {library_spec.description})"
   try:
     library = ctypes.CDLL(str(path))
-    built_for = library.Optax8FfiApiVersion()
-    handler = jax.ffi.pycapsule(library.Optax8CpuUpdate)
+    built_for = getattr(library, library_spec.version)()
+    handler = jax.ffi.pycapsule(getattr(library, library_spec.handler))
   except (OSError, AttributeError) as e:
     return f"cannot load {path}: {e}"
   try:
-    jax.ffi.register_ffi_target(TARGET, handler, platform="cpu")
+    jax.ffi.register_ffi_target(
+        TARGET, handler, platform=library_spec.registry_platform, **_register_options(platform)
+    )
   except Exception as e:  # noqa: BLE001 - XLA reports version skew with its own error types
     return (
         f"jaxlib {jaxlib.__version__} rejected {path}, built for XLA FFI API "
         f"{built_for // 1000}.{built_for % 1000}: {e}"
     )
-  _library = library
+  _libraries[platform] = library
   return ""
 
 
-def _kernel_usable() -> bool:
-  """Whether the kernel is registered; loads it on first use, warns once if it cannot."""
-  global _problem, _warned
+def _kernel_usable(platform: str = "cpu") -> bool:
+  """Whether the platform's kernel is registered; loads it on first use, warns once if it cannot."""
+  global _problem, _warned, _cuda_problem, _cuda_warned
   with _lock:
-    if _problem is None:
-      _problem = _load()
-    problem, warn = _problem, bool(_problem) and not _warned and _problem != "no CPU backend"
-    _warned = _warned or warn
-  if problem and get_implementation() == "native":
-    raise RuntimeError(f"optax8: the native kernel was requested but is unusable: {problem}")
+    problem, warned = (_problem, _warned) if platform == "cpu" else (_cuda_problem, _cuda_warned)
+    if problem is None:
+      problem = _load(platform)
+    warn = bool(problem) and not warned and problem != _no_backend(platform)
+    if platform == "cpu":
+      _problem, _warned = problem, warned or warn
+    else:
+      _cuda_problem, _cuda_warned = problem, warned or warn
+  # Without a CUDA backend there is no CUDA kernel to ask for.
+  if problem and get_implementation() == "native" and (platform == "cpu" or problem != _no_backend(platform)):
+    raise RuntimeError(
+        f"optax8: the native kernel was requested but the {LIBRARIES[platform].description} is unusable: {problem}"
+    )
   if warn:
     warnings.warn(
-        f"optax8: the native CPU kernel is unusable ({problem}); using the pure-JAX reference "
-        f"implementation instead (same results, slower). Set {IMPLEMENTATION_ENV}=reference "
-        "to choose it explicitly.",
+        f"optax8: the {LIBRARIES[platform].description} is unusable ({problem}); using the pure-JAX "
+        f"reference implementation on {platform.upper()} instead (same results, slower). Set "
+        f"{IMPLEMENTATION_ENV}=reference to choose it explicitly.",
         RuntimeWarning,
         stacklevel=4,
     )
   return not problem
 
 
+def _kernel_platforms() -> list[str]:
+  """The platforms whose kernel is usable (loading each on first use)."""
+  return [platform for platform in LIBRARIES if _kernel_usable(platform)]
+
+
 def _kernel_applies(family: Any, static: Mapping[str, Any], g: jax.Array, moments: Sequence[Any],
                     scalars: Mapping[str, Any]) -> bool:
+  """Whether the kernels compute this update (where one is usable)."""
   if get_implementation() == "reference":
     return False
   order = SCALAR_ORDER.get(family.name)
@@ -181,13 +244,12 @@ def _kernel_applies(family: Any, static: Mapping[str, Any], g: jax.Array, moment
       and tuple(m.signed for m in moments) == tuple(family.signed)
       and len({m.block_size for m in moments}) == 1
       and jnp.dtype(g.dtype) in KERNEL_DTYPES
-      and _kernel_usable()
   )
 
 
 def _kernel_update(family: Any, static: Mapping[str, Any], g: jax.Array, moments: Sequence[qz.QuantizedArray],
                    scalars: Mapping[str, jax.Array]) -> tuple[jax.Array, list[qz.QuantizedArray]]:
-  """One parameter's update as one FFI call (XLA:CPU only), on each device's own blocks."""
+  """One parameter's update as one FFI call (CPU or CUDA kernel), on each device's own blocks."""
   hp = jnp.stack([jnp.asarray(scalars[name], jnp.float32) for name in SCALAR_ORDER[family.name]])
   state = [x for m in moments for x in (m.codes, m.absmax)]
   attributes = dict(
@@ -222,11 +284,12 @@ def leaf_update(
     moments: Sequence[Any],
     scalars: Mapping[str, jax.Array],
 ) -> tuple[jax.Array, list[Any]]:
-  """One parameter's update: the native kernel on CPU where it applies, else ``reference``.
+  """One parameter's update: the platform's native kernel where it applies, else ``reference``.
 
-  The kernel applies when every moment of the parameter is a :class:`~optax8.QuantizedArray`,
+  A kernel applies when every moment of the parameter is a :class:`~optax8.QuantizedArray`,
   the gradient is float32, bfloat16 or float16, the implementation is not ``"reference"``
-  and the library is usable.
+  and the platform's library is usable: the CPU kernel on CPU, the CUDA kernel on CUDA GPUs
+  (chosen when the computation is lowered, by ``jax.lax.platform_dependent``).
 
   Args:
     reference: ``reference(family, static, g, moments, scalars) -> (update, moments)``.
@@ -239,10 +302,12 @@ def leaf_update(
   Returns:
     The update, in ``g``'s dtype, and the new moments.
   """
-  if not _kernel_applies(family, static, g, moments, scalars):
+  platforms = _kernel_platforms() if _kernel_applies(family, static, g, moments, scalars) else []
+  if not platforms:
     return reference(family, static, g, moments, scalars)
+  kernel = functools.partial(_kernel_update, family, static)
   return jax.lax.platform_dependent(
       g, list(moments), dict(scalars),
-      cpu=functools.partial(_kernel_update, family, static),
+      **dict.fromkeys(platforms, kernel),
       default=functools.partial(reference, family, static),
   )
