@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The CUDA kernel's checks on a machine with a CUDA GPU, in one run: build and install the
+# package with the CUDA kernel (no network needed: build dependencies must be installed),
+# run the GPU and native-kernel tests, then the GPU benchmark. Every stage runs even when
+# an earlier one fails, logs to $OUT/<stage>.log, and the summary at the end lists each
+# stage's exit status.
+#
+# Usage, from the repository root:  OUT=/tmp/optax8-gpu benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu_check_out}"
+mkdir -p "$OUT"
+PYTHON="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+summary=()
+
+stage() {  # stage NAME TIMEOUT_SECONDS COMMAND...
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  echo "== $name: $*"
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  summary+=("$(printf '%-10s exit %3d  %4ds  %s' "$name" "$rc" $((SECONDS - start)) "$OUT/$name.log")")
+  tail -n 15 "$OUT/$name.log"
+}
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  nvcc --version | tail -n 2
+  "$PYTHON" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
+} >"$OUT/env.log" 2>&1
+
+# Editable, so that the source tree imported from here finds the libraries the build installed.
+stage build 180 env OPTAX8_CUDA=ON "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v -e .
+stage tests 240 "$PYTHON" -m pytest -p no:cacheprovider -o addopts= -q -rs --durations=10 \
+  --rootdir=. tests/test_gpu.py tests/test_native.py
+stage benchmark 120 "$PYTHON" -m benchmarks.gpu_step
+
+echo
+echo "== summary"
+cat "$OUT/env.log"
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.log"
+grep -hE "passed|failed|error" "$OUT/tests.log" | tail -n 3
+grep -hE "^target|kernel:" "$OUT/benchmark.log"
