@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "optax8_avx2.h"
 #include "optax8_math.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -152,8 +153,8 @@ struct Job {
   MomentBuffers moments[kMaxMoments];
 };
 
-// Per-thread scratch for one block: the f32 gradient, update and new moments.
-OPTAX8_HD float* Scratch(int64_t floats) {
+// Per-thread scratch for one block: the f32 gradient, update and moments.
+float* Scratch(int64_t floats) {
   thread_local std::vector<float> buffer;
   if (buffer.size() < static_cast<size_t>(floats)) buffer.resize(floats);
   return buffer.data();
@@ -190,16 +191,22 @@ OPTAX8_HD void StoreHalfUpdate(const Job& job, int64_t offset, int64_t n, const 
   }
 }
 
-template <bool kSigned>
-OPTAX8_HD void EncodeBlock(const float* __restrict__ values, float scale, int64_t n, uint8_t* __restrict__ codes) {
-  for (int64_t j = 0; j < n; ++j) codes[j] = static_cast<uint8_t>(Encode<kSigned>(values[j] * scale));
-}
 
 // All ones for a finite x, else 0.
 OPTAX8_HD uint32_t FiniteMask(float x) { return (FloatToBits(x) & 0x7F800000u) != 0x7F800000u ? ~0u : 0u; }
 
 // x, or +0 where mask is 0.
 OPTAX8_HD float Masked(float x, uint32_t mask) { return BitsToFloat(FloatToBits(x) & mask); }
+
+
+template <bool kSigned>
+OPTAX8_HD void EncodeBlock(const float* __restrict__ values, float scale, int64_t n, uint8_t* __restrict__ codes) {
+  int64_t j = 0;
+#if defined(OPTAX8_AVX2)
+  for (; j + kLanes <= n; j += kLanes) Encode8<kSigned>(Vec8(_mm256_loadu_ps(values + j)) * Vec8(scale), codes + j);
+#endif
+  for (; j < n; ++j) codes[j] = static_cast<uint8_t>(Encode<kSigned>(values[j] * scale));
+}
 
 // One block's elementwise pass: decode, the family's math, and the new moments' peak |value|,
 // with the moments unrolled at compile time (index sequence k...) so that the loop vectorizes.
@@ -213,8 +220,28 @@ OPTAX8_HD void UpdateElements(std::index_sequence<k...>, int64_t n, const float*
   float* __restrict__ const out[F::kMoments] = {moments[k]...};
   const float scale[F::kMoments] = {absmax[k]...};
   uint32_t top[F::kMoments] = {};
+  int64_t j = 0;
+#if defined(OPTAX8_AVX2)
+  const int64_t vector_end = n - n % kLanes;
+  // The map entries first, into the moments' scratch (each element is read before written).
+  (LookupMap<F::kSigned[k]>(in[k], vector_end, out[k]), ...);
+  __m256i vector_top[F::kMoments] = {(static_cast<void>(k), _mm256_setzero_si256())...};
+  for (; j < vector_end; j += kLanes) {
+    const Vec8 gradient = _mm256_loadu_ps(g + j);
+    __m256i keep = FiniteMask(gradient);
+    Vec8 m[F::kMoments] = {Vec8(_mm256_loadu_ps(out[k] + j)) * Vec8(scale[k])...};  // Decode
+    const Vec8 update = F::template Step<kFlags>(Masked(gradient, keep), m, consts);
+    ((keep = _mm256_and_si256(keep, FiniteMask(m[k]))), ...);
+    _mm256_storeu_ps(u + j, Masked(update, keep).v);
+    ((m[k] = Masked(m[k], keep)), ...);
+    ((_mm256_storeu_ps(out[k] + j, m[k].v)), ...);
+    ((vector_top[k] = _mm256_max_epu32(vector_top[k], _mm256_and_si256(_mm256_castps_si256(m[k].v),
+                                                                        _mm256_set1_epi32(0x7FFFFFFF)))), ...);
+  }
+  ((top[k] = HorizontalMax(vector_top[k])), ...);
+#endif
   OPTAX8_NO_ALIAS_IN_LOOP
-  for (int64_t j = 0; j < n; ++j) {
+  for (; j < n; ++j) {
     // A non-finite gradient element counts as 0; it, or a moment that overflows, resets the
     // element's moments and updates nothing. (Masking the bits, rather than selecting, keeps
     // the loop free of branches.)
@@ -282,35 +309,6 @@ OPTAX8_HD void UpdateBlocks(const Job& job, int64_t begin, int64_t end) {
 
 using BlocksFn = void (*)(const Job&, int64_t, int64_t);
 
-// The same code compiled for AVX2 and for the baseline ISA; both compute the same bits.
-#if defined(OPTAX8_X86) && defined(__GNUC__)
-template <class F, int kFlags>
-__attribute__((target("avx2"))) void UpdateBlocksAvx2(const Job& job, int64_t begin, int64_t end) {
-  UpdateBlocks<F, kFlags>(job, begin, end);
-}
-
-template <class F, int kFlags>
-void UpdateBlocksBaseline(const Job& job, int64_t begin, int64_t end) {
-  UpdateBlocks<F, kFlags>(job, begin, end);
-}
-
-template <class F, int kFlags>
-BlocksFn SelectBlocksFn() {
-  static const bool avx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
-  return avx2 ? &UpdateBlocksAvx2<F, kFlags> : &UpdateBlocksBaseline<F, kFlags>;
-}
-#else
-template <class F, int kFlags>
-void UpdateBlocksPortable(const Job& job, int64_t begin, int64_t end) {
-  UpdateBlocks<F, kFlags>(job, begin, end);
-}
-
-template <class F, int kFlags>
-BlocksFn SelectBlocksFn() {
-  return &UpdateBlocksPortable<F, kFlags>;
-}
-#endif
-
 // Instantiates the kernel for each subset of the family's flags.
 template <class F, int kFlags = 0>
 BlocksFn SelectForFlags(int64_t flags) {
@@ -319,7 +317,7 @@ BlocksFn SelectForFlags(int64_t flags) {
   } else if constexpr ((kFlags & ~F::kFlags) != 0) {
     return SelectForFlags<F, kFlags + 1>(flags);
   } else {
-    return flags == kFlags ? SelectBlocksFn<F, kFlags>() : SelectForFlags<F, kFlags + 1>(flags);
+    return flags == kFlags ? &UpdateBlocks<F, kFlags> : SelectForFlags<F, kFlags + 1>(flags);
   }
 }
 

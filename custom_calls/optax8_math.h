@@ -352,13 +352,20 @@ OPTAX8_HD float Decode(uint32_t code, float absmax) {
   return MapFor<kSigned>()[code] * absmax;
 }
 
+// The few operations the families' math needs beyond + - * /, for float; a SIMD kernel
+// overloads them for its vector type, so that one Step serves scalars and vectors.
+OPTAX8_HD float Sqrt(float x) { return sqrtf(x); }
+OPTAX8_HD float Select(bool condition, float if_true, float if_false) { return condition ? if_true : if_false; }
+OPTAX8_HD float Sign(float x) { return x > 0 ? 1.0f : (x < 0 ? -1.0f : x); }  // as jnp.sign: keeps ±0, NaN
+
 // Static options, as bits of the kernel's `flags` attribute.
 enum Flag : int { kNesterov = 1, kEpsInSqrt = 2, kBiasCorrection = 4 };
 
 // Each family: kMoments and their maps (kSigned), the flags it reads, and its per-step scalars
 // in the order of its `scalars` function in update_math.py (kNumScalars floats). Prepare turns
 // them into the constants the elementwise Step uses; Step updates the moments in place and
-// returns the update. Formulas are update_math.py's, operation for operation.
+// returns the update, for one float or a vector of them (V). Formulas are update_math.py's,
+// operation for operation.
 struct Adam {
   static constexpr int kMoments = 2;
   static constexpr bool kSigned[kMoments] = {true, false};
@@ -371,17 +378,17 @@ struct Adam {
     // update_math.py divides by a per-step scalar as a multiplication by its reciprocal.
     return {s[0], s[1], 1.0f - s[0], 1.0f - s[1], s[2], s[3], 1.0f / s[4], 1.0f / s[5], 1.0f / s[6]};
   }
-  template <int kF>
-  OPTAX8_HD static float Step(float g, float* m, const Consts& c) {
+  template <int kF, class V>
+  OPTAX8_HD static V Step(V g, V* m, const Consts& c) {
     m[0] = c.b1 * m[0] + c.one_minus_b1 * g;
     m[1] = c.b2 * m[1] + c.one_minus_b2 * (g * g);
-    float m_hat;
+    V m_hat;
     if constexpr ((kF & kNesterov) != 0) {
       m_hat = c.b1 * (m[0] * c.inv_bc1_next) + c.one_minus_b1 * (g * c.inv_bc1);
     } else {
       m_hat = m[0] * c.inv_bc1;
     }
-    return m_hat / (sqrtf(m[1] * c.inv_bc2 + c.eps_root) + c.eps);
+    return m_hat / (Sqrt(m[1] * c.inv_bc2 + c.eps_root) + c.eps);
   }
 };
 
@@ -394,8 +401,8 @@ struct Momentum {
     float decay;
   };
   OPTAX8_HD static Consts Prepare(const float* s) { return {s[0]}; }
-  template <int kF>
-  OPTAX8_HD static float Step(float g, float* m, const Consts& c) {
+  template <int kF, class V>
+  OPTAX8_HD static V Step(V g, V* m, const Consts& c) {
     m[0] = c.decay * m[0] + g;
     if constexpr ((kF & kNesterov) != 0) {
       return c.decay * m[0] + g;
@@ -414,11 +421,11 @@ struct Lion {
     float b1, b2, one_minus_b1, one_minus_b2;
   };
   OPTAX8_HD static Consts Prepare(const float* s) { return {s[0], s[1], 1.0f - s[0], 1.0f - s[1]}; }
-  template <int kF>
-  OPTAX8_HD static float Step(float g, float* m, const Consts& c) {
-    const float d = c.one_minus_b1 * g + c.b1 * m[0];
+  template <int kF, class V>
+  OPTAX8_HD static V Step(V g, V* m, const Consts& c) {
+    const V d = c.one_minus_b1 * g + c.b1 * m[0];
     m[0] = c.one_minus_b2 * g + c.b2 * m[0];
-    return d > 0 ? 1.0f : (d < 0 ? -1.0f : d);  // jnp.sign keeps signed zeros
+    return Sign(d);
   }
 };
 
@@ -431,15 +438,15 @@ struct Rmsprop {
     float decay, one_minus_decay, eps, inv_bc;
   };
   OPTAX8_HD static Consts Prepare(const float* s) { return {s[0], 1.0f - s[0], s[1], 1.0f / s[2]}; }
-  template <int kF>
-  OPTAX8_HD static float Step(float g, float* m, const Consts& c) {
+  template <int kF, class V>
+  OPTAX8_HD static V Step(V g, V* m, const Consts& c) {
     m[0] = c.one_minus_decay * (g * g) + c.decay * m[0];
     constexpr bool kCorrect = (kF & kBiasCorrection) != 0;
     if constexpr ((kF & kEpsInSqrt) != 0) {
-      const float t = kCorrect ? m[0] * c.inv_bc + c.eps : m[0] + c.eps;
-      return g * (1.0f / sqrtf(t));
+      const V t = kCorrect ? m[0] * c.inv_bc + c.eps : m[0] + c.eps;
+      return g * (1.0f / Sqrt(t));
     } else {
-      return g / (sqrtf(kCorrect ? m[0] * c.inv_bc : m[0]) + c.eps);
+      return g / (Sqrt(kCorrect ? m[0] * c.inv_bc : m[0]) + c.eps);
     }
   }
 };
@@ -453,10 +460,10 @@ struct Adagrad {
     float eps;
   };
   OPTAX8_HD static Consts Prepare(const float* s) { return {s[0]}; }
-  template <int kF>
-  OPTAX8_HD static float Step(float g, float* m, const Consts& c) {
+  template <int kF, class V>
+  OPTAX8_HD static V Step(V g, V* m, const Consts& c) {
     m[0] = g * g + m[0];
-    return (m[0] > 0 ? 1.0f / sqrtf(m[0] + c.eps) : 0.0f) * g;
+    return Select(m[0] > 0.0f, 1.0f / Sqrt(m[0] + c.eps), V(0.0f)) * g;
   }
 };
 
@@ -471,13 +478,13 @@ struct Ademamix {
   OPTAX8_HD static Consts Prepare(const float* s) {
     return {s[0], s[1], s[2], 1.0f - s[0], 1.0f - s[1], 1.0f - s[2], s[3], s[4], s[5], 1.0f / s[6], 1.0f / s[7]};
   }
-  template <int kF>
-  OPTAX8_HD static float Step(float g, float* m, const Consts& c) {
+  template <int kF, class V>
+  OPTAX8_HD static V Step(V g, V* m, const Consts& c) {
     m[0] = c.one_minus_b1 * g + c.b1 * m[0];
     m[1] = c.one_minus_b3 * g + c.b3 * m[1];
     m[2] = c.one_minus_b2 * (g * g) + c.b2 * m[2];
-    const float numerator = m[0] * c.inv_bc1 + c.alpha * m[1];
-    return numerator / (sqrtf(m[2] * c.inv_bc2 + c.eps_root) + c.eps);
+    const V numerator = m[0] * c.inv_bc1 + c.alpha * m[1];
+    return numerator / (Sqrt(m[2] * c.inv_bc2 + c.eps_root) + c.eps);
   }
 };
 

@@ -92,6 +92,21 @@ def test_encoding_equals_brute_force_nearest_code_on_random_values(signed):
   np.testing.assert_array_equal(got, brute_force_codes(x, signed))
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_encoding_equals_brute_force_at_every_bucket_edge_and_threshold(signed):
+  # The encoder is exact iff every bucket's range is right: check each bucket's first and last
+  # float, and each threshold with its neighbours.
+  key_bits = 23 - int(np.log2(len(qz.encode_table(signed)) // 64))
+  prefixes = np.arange(0, 1 << 31, 1 << key_bits, dtype=np.uint32)
+  edges = np.concatenate([prefixes, prefixes | ((1 << key_bits) - 1)]).view(np.float32)
+  t = qz.encode_thresholds(signed)
+  x = np.concatenate([edges, t, np.nextafter(t, np.float32(np.inf)), np.nextafter(t, np.float32(-np.inf))])
+  x = np.concatenate([x, -x]) if signed else x
+  x = x[(np.abs(x) <= 1) & (x >= (-1 if signed else 0))]
+  got = np.asarray(jax.jit(qz.encode, static_argnums=1)(jnp.asarray(x), signed))
+  np.testing.assert_array_equal(got, brute_force_codes(x, signed))
+
+
 def test_negative_values_that_round_to_zero_take_the_negative_code():
   x = jnp.array([-1e-9, -0.0, 1e-9, 0.0], jnp.float32)
   np.testing.assert_array_equal(np.asarray(qz.encode(x, True)), [126, 126, 127, 127])

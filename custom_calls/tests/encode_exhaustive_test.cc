@@ -1,4 +1,5 @@
-// Exhaustive check of optax8_math.h's encoder, run by tests/test_native.py.
+// Exhaustive check of optax8_math.h's encoder (and optax8_avx2.h's, when compiled for AVX2),
+// run by tests/test_native.py.
 //
 // Reads from stdin, as hexadecimal float32 bit patterns, the Python package's signed map,
 // unsigned map, signed thresholds and unsigned thresholds (256, 256, 255, 255 values), checks
@@ -9,6 +10,7 @@
 #include <cstdint>
 #include <cstdio>
 
+#include "optax8_avx2.h"
 #include "optax8_math.h"
 
 namespace {
@@ -52,6 +54,16 @@ long CheckAllFloats(const float (&map)[256], const optax8::Thresholds& th) {
       want &= 0xFFu;
       long bad = 0;
       for (uint32_t k = key; k <= run_end; ++k) bad += optax8::Encode<kSigned>(FromOrderKey(k)) != want;
+#if defined(OPTAX8_AVX2)
+      // Eight floats at a time; a group past the run's end repeats its last float.
+      for (uint64_t k = key; k <= run_end; k += 8) {
+        alignas(32) float x[8];
+        for (uint64_t q = 0; q < 8; ++q) x[q] = FromOrderKey(static_cast<uint32_t>(k + q <= run_end ? k + q : run_end));
+        uint8_t codes[8];
+        optax8::Encode8<kSigned>(optax8::Vec8(_mm256_load_ps(x)), codes);
+        for (int q = 0; q < 8; ++q) bad += codes[q] != want;
+      }
+#endif
       if (bad != 0) {
         std::printf("%s map: %ld floats in [%a, %a] do not encode to %u\n", kSigned ? "signed" : "unsigned", bad,
                     static_cast<double>(first), static_cast<double>(FromOrderKey(run_end)), want);

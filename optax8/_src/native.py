@@ -84,10 +84,14 @@ class _Library(NamedTuple):
   handler: str  # the FFI handler's symbol
   version: str  # the symbol returning the XLA FFI API version it was built for
   registry_platform: str  # its platform for jax.ffi.register_ffi_target
+  supported: str | None = None  # a symbol saying whether this machine can run the library
 
 
 LIBRARIES = {
-    "cpu": _Library("native CPU kernel", LIBRARY_ENV, LIBRARY_NAME, "Optax8CpuUpdate", "Optax8FfiApiVersion", "cpu"),
+    "cpu": _Library(
+        "native CPU kernel", LIBRARY_ENV, LIBRARY_NAME, "Optax8CpuUpdate", "Optax8FfiApiVersion", "cpu",
+        supported="Optax8CpuSupported",  # the kernel is compiled for the building machine's CPU
+    ),
     "cuda": _Library(
         "CUDA kernel", CUDA_LIBRARY_ENV, CUDA_LIBRARY_NAME, "Optax8CudaUpdate", "Optax8CudaFfiApiVersion", "CUDA"
     ),
@@ -179,6 +183,9 @@ def _load(platform: str = "cpu") -> str:
     return f"{path} does not exist (optax8 was installed without its {library_spec.description})"
   try:
     library = ctypes.CDLL(str(path))
+    if library_spec.supported and not getattr(library, library_spec.supported)():
+      return (f"{path} was built for a CPU with AVX2, which this one lacks (reinstall optax8 on this "
+              "machine: pip builds the kernel for the CPU it builds on)")
     built_for = getattr(library, library_spec.version)()
     handler = jax.ffi.pycapsule(getattr(library, library_spec.handler))
   except (OSError, AttributeError) as e:

@@ -29,6 +29,7 @@ __all__ = [
     "QuantizedArray",
     "dequantize_blockwise",
     "dynamic_map",
+    "encode_table",
     "encode_thresholds",
     "num_blocks",
     "quantize_blockwise",
@@ -182,22 +183,82 @@ def _lookup(table: np.ndarray, index: jax.Array) -> jax.Array:
   return jnp.asarray(table)[index]
 
 
+# Encoding without a search (the same tables as custom_calls/optax8_math.h). A float's sign,
+# exponent and top `sub_bits` mantissa bits select a bucket, a contiguous range of floats that
+# holds at most one threshold; its entry is `base << 24 | position`: the code of the bucket's
+# lowest float, and where in the bucket the threshold lies. Then code(x) = base + (x's position
+# in its bucket > the threshold's): one lookup, one comparison. Rows (per sign): 0 holds
+# |x| < 2^-23 (below every threshold, zeros included), 1..24 the binades [2^-23, 2^1), 25..31
+# larger values and NaN (code 255; |x| <= 1 otherwise). 32 rows make the sign one index bit.
+_MIN_EXPONENT = 104  # biased exponent of 2^-23
+_ROWS = 32
+_SUB_BITS = {True: 6, False: 7}  # enough to separate adjacent thresholds of each map
+
+
+def _order_keys(bits: np.ndarray) -> np.ndarray:
+  """An order-preserving map from float32 bits to unsigned integers (-0 just below +0)."""
+  bits = bits.astype(np.int64)
+  return np.where(bits >> 31, ~bits & 0xFFFFFFFF, bits | 0x80000000)
+
+
+@functools.cache
+def encode_table(signed: bool) -> np.ndarray:
+  """The bucket table of the search-free encoder, with bitsandbytes' sign fix folded in.
+
+  Args:
+    signed: which map.
+
+  Returns:
+    A read-only int32 array of ``2 * 32 << sub_bits`` entries (6 sub-bits for the signed map,
+    7 for the unsigned one).
+  """
+  sub_bits = _SUB_BITS[signed]
+  key_bits = 23 - sub_bits
+  none = (1 << key_bits) - 1  # position meaning "no threshold in this bucket"
+  t = encode_thresholds(signed)
+  keys = _order_keys(t.view(np.uint32))
+  exponents = (t.view(np.uint32) >> 23) & 0xFF
+  if np.any((exponents < _MIN_EXPONENT) | (exponents > 126)) or np.any(np.diff(t) <= 0):
+    raise AssertionError("thresholds outside the encoder's binades or not ascending")
+  sign, row, sub = np.meshgrid(np.arange(2), np.arange(_ROWS), np.arange(1 << sub_bits), indexing="ij")
+  prefix = (sign << 31) | ((_MIN_EXPONENT + row - 1) << 23) | (sub << key_bits)
+  lowest = _order_keys(np.where(sign == 1, prefix | none, prefix))  # most negative when negative
+  base = np.searchsorted(keys, lowest)
+  following = keys[np.minimum(base, 254)] - lowest
+  position = np.where((base < 255) & (following <= none), following, none)
+  if np.any((base < 254) & (keys[np.minimum(base + 1, 254)] - lowest <= none)):
+    raise AssertionError("a bucket holds two thresholds")
+  tiny, large = row == 0, row > 127 - _MIN_EXPONENT + 1
+  base = np.where(tiny, np.sum(t < 0), np.where(large, 255, base))
+  position = np.where(tiny | large, none, position)
+  if signed:
+    # bitsandbytes moves a code whose value has the other sign than x one step towards x's
+    # sign. Given the map's layout (negatives, +0 at 127, positives) that only moves a
+    # negative x (or -0) that counted 127 or more thresholds; all of its bucket gets one code.
+    moved = (sign == 1) & (base + (position != none) >= 127)
+    base = np.where(moved, np.where(base == 255, 254, 126), base)
+    position = np.where(moved, none, position)
+  table = ((base << 24) | position).astype(np.int32).reshape(-1)
+  table.flags.writeable = False
+  return table
+
+
 def encode(x: jax.Array, signed: bool) -> jax.Array:
   """Nearest code of each normalised float32 value ``x`` in ``[-1, 1]`` (ties to the lower code).
 
   Signed map: a value whose sign differs from its code's (a negative value, or -0.0, that
-  rounds to the code of 0) moves one code towards its own sign, as bitsandbytes does.
+  rounds to the code of 0) moves one code towards its own sign, as bitsandbytes does. NaN
+  encodes as 255 (254 with the sign bit set, signed map).
   """
-  thresholds = encode_thresholds(signed)
-  # Branchless binary search for #{k : x > t[k]}: elementwise steps, so it partitions like any
-  # elementwise op under every sharding (jnp.searchsorted's scan does not in Explicit mode).
-  # The first step compares with one scalar (a constant gather would be folded to full size).
-  codes = jnp.where(x > thresholds[127], jnp.int32(128), jnp.int32(0))
-  for step in (64, 32, 16, 8, 4, 2, 1):
-    codes = jnp.where(x > _lookup(thresholds, codes + (step - 1)), codes + step, codes)
-  if signed:
-    wrong_sign = jnp.signbit(_lookup(SIGNED_MAP, codes)) != jnp.signbit(x)
-    codes = jnp.where(wrong_sign, jnp.where(x > 0, codes + 1, codes - 1), codes)
+  sub_bits = _SUB_BITS[signed]
+  key_bits = 23 - sub_bits
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  row_sub = jnp.clip(((bits & 0x7FFFFFFF) >> key_bits) - ((_MIN_EXPONENT - 1) << sub_bits), 0,
+                     (_ROWS << sub_bits) - 1)
+  entry = _lookup(encode_table(signed), row_sub | ((bits >> 31) & (_ROWS << sub_bits)))
+  # Position within the bucket in value order: negative floats order by decreasing magnitude.
+  position = (bits ^ (bits >> 31)) & ((1 << key_bits) - 1)
+  codes = jax.lax.shift_right_logical(entry, 24) + (position > (entry & 0xFFFFFF)).astype(jnp.int32)
   return codes.astype(jnp.uint8)
 
 
