@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA kernel's checks on a machine with a CUDA GPU, in one run: build and install the
 # package with the CUDA kernel (no network needed: build dependencies must be installed),
-# run the GPU and native-kernel tests, then the GPU benchmark. Every stage runs even when
+# run the GPU tests and the CPU kernel's tests, then the GPU benchmark. Every stage runs even when
 # an earlier one fails, logs to $OUT/<stage>.log, and the summary at the end lists each
 # stage's exit status.
 #
@@ -31,14 +31,17 @@ stage() {  # stage NAME TIMEOUT_SECONDS COMMAND...
 } >"$OUT/env.log" 2>&1
 
 # Editable, so that the source tree imported from here finds the libraries the build installed.
-stage build 180 env OPTAX8_CUDA=ON "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v -e .
-stage tests 240 "$PYTHON" -m pytest -p no:cacheprovider -o addopts= -q -rs --durations=10 \
-  --rootdir=. tests/test_gpu.py tests/test_native.py
+stage build 150 env OPTAX8_CUDA=ON "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v -e .
+stage tests 180 "$PYTHON" -m pytest -p no:cacheprovider -o addopts= -q -rs --durations=10 \
+  --rootdir=. tests/test_gpu.py
+# The CPU kernel built against this machine's jaxlib, on its CPU backend.
+stage cpu_tests 90 env JAX_PLATFORMS=cpu "$PYTHON" -m pytest -p no:cacheprovider -o addopts= -q -rs \
+  --rootdir=. tests/test_native.py
 stage benchmark 120 "$PYTHON" -m benchmarks.gpu_step
 
 echo
 echo "== summary"
 cat "$OUT/env.log"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.log"
-grep -hE "passed|failed|error" "$OUT/tests.log" | tail -n 3
+grep -hE "passed|failed|error" "$OUT/tests.log" "$OUT/cpu_tests.log" | tail -n 6
 grep -hE "^target|kernel:" "$OUT/benchmark.log"

@@ -316,7 +316,9 @@ def test_platform_picks_the_implementation():
     return jax.export.export(jax.jit(tx.update), platforms=platforms, disabled_checks=allow)(params, state)
 
   assert TARGET in exported(["cpu"]).mlir_module()
-  assert TARGET not in exported(["cuda"]).mlir_module()
+  # CUDA runs the kernel only where its library is registered (a machine with a CUDA backend).
+  assert (TARGET in exported(["cuda"]).mlir_module()) == native._kernel_usable("cuda")
+  assert TARGET not in exported(["tpu"]).mlir_module()
 
 
 @pytest.mark.parametrize("how", ["function", "environment"])
@@ -336,8 +338,8 @@ def test_reference_can_be_forced(how, monkeypatch):
 @pytest.fixture
 def fresh_loader(monkeypatch):
   """Makes the next trace load the library anew (the registered one stays registered)."""
-  monkeypatch.setattr(native, "_problem", None)
-  monkeypatch.setattr(native, "_warned", False)
+  monkeypatch.setattr(native, "_problems", {})
+  monkeypatch.setattr(native, "_warned", set())
 
 
 def broken_library(kind, tmp_path, monkeypatch):
@@ -347,6 +349,14 @@ def broken_library(kind, tmp_path, monkeypatch):
     path = tmp_path / "liboptax8_cpu.so"
     path.write_bytes(b"this is not an ELF file")
     monkeypatch.setenv(native.LIBRARY_ENV, str(path))
+  elif kind == "built_for_another_cpu":  # as a library compiled with AVX2, on a CPU without it
+    if compiler() is None:
+      pytest.skip("needs a C++ compiler")
+    path = tmp_path / "liboptax8_cpu.so"
+    source = 'extern "C" int Optax8CpuSupported() { return 0; }'
+    subprocess.run([compiler(), "-shared", "-fPIC", "-x", "c++", "-", "-o", str(path)], input=source.encode(),
+                   check=True)
+    monkeypatch.setenv(native.LIBRARY_ENV, str(path))
   else:  # the library loads but jaxlib rejects it, as with FFI API version skew
 
     def reject(*args, **kwargs):
@@ -355,7 +365,7 @@ def broken_library(kind, tmp_path, monkeypatch):
     monkeypatch.setattr(jax.ffi, "register_ffi_target", reject)
 
 
-@pytest.mark.parametrize("kind", ["missing", "not_a_library", "rejected"])
+@pytest.mark.parametrize("kind", ["missing", "not_a_library", "built_for_another_cpu", "rejected"])
 def test_unusable_library_warns_once_and_falls_back(kind, tmp_path, monkeypatch, fresh_loader):
   broken_library(kind, tmp_path, monkeypatch)
   tx = optax8.sgd8bit(0.1, momentum=0.9)

@@ -99,11 +99,10 @@ LIBRARIES = {
 
 _lock = threading.Lock()
 _implementation: str | None = None
-# Per kernel: why it is unusable ("" when usable; None until tried), and whether that was said.
-_problem: str | None = None  # the CPU kernel's
-_warned = False
-_cuda_problem: str | None = None
-_cuda_warned = False
+# Per platform: why its kernel is unusable ("" when usable; absent until tried), and whether
+# that was said.
+_problems: dict[str, str] = {}
+_warned: set[str] = set()
 _libraries: dict[str, ctypes.CDLL] = {}  # the loaded libraries, kept referenced: XLA calls into them
 
 
@@ -205,16 +204,13 @@ def _load(platform: str = "cpu") -> str:
 
 def _kernel_usable(platform: str = "cpu") -> bool:
   """Whether the platform's kernel is registered; loads it on first use, warns once if it cannot."""
-  global _problem, _warned, _cuda_problem, _cuda_warned
   with _lock:
-    problem, warned = (_problem, _warned) if platform == "cpu" else (_cuda_problem, _cuda_warned)
-    if problem is None:
-      problem = _load(platform)
-    warn = bool(problem) and not warned and problem != _no_backend(platform)
-    if platform == "cpu":
-      _problem, _warned = problem, warned or warn
-    else:
-      _cuda_problem, _cuda_warned = problem, warned or warn
+    if platform not in _problems:
+      _problems[platform] = _load(platform)
+    problem = _problems[platform]
+    warn = bool(problem) and platform not in _warned and problem != _no_backend(platform)
+    if warn:
+      _warned.add(platform)
   # Without a CUDA backend there is no CUDA kernel to ask for.
   if problem and get_implementation() == "native" and (platform == "cpu" or problem != _no_backend(platform)):
     raise RuntimeError(

@@ -1,0 +1,181 @@
+"""Step time of optax8's 8-bit optimizers against optax's 32-bit ones on this machine's CPU.
+
+One step is ``tx.update`` followed by ``optax.apply_updates``, compiled with ``jax.jit`` for
+four float32 ``d x d`` matrices: 1M, 16M and 64M parameters by default. The optimizer state is
+donated, and so are either the parameters or the gradient, whichever lets XLA run the step
+with fewer bytes (the new parameters then overwrite them): in a training step that computes
+the gradient itself, parameters and gradient buffers are both free for reuse. The variants:
+
+* ``optax.adam`` (float32 moments), the baseline of every ratio;
+* ``optax.adam(mu_dtype=bfloat16)``;
+* ``optax8.adam8bit`` on the native kernel and on the pure-JAX reference path;
+* ``optax.sgd(momentum=0.9)`` and ``optax8.sgd8bit(momentum=0.9)`` on the kernel.
+
+The variants are timed in interleaved rounds after a warm-up round (the machine may be shared
+and noisy); the table gives each one's median step time, nanoseconds per parameter, its ratio
+to ``optax.adam`` and to its own 32-bit counterpart.
+
+Run from the repository root::
+
+  python -m benchmarks.step_time
+  python -m benchmarks.step_time --sizes 16 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import optax8
+from examples import common
+
+__all__ = ["VARIANTS", "CompiledStep", "Variant", "compile_step", "footprint", "main", "measure", "parameters"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One optimizer to time.
+
+  Attributes:
+    name: the table's label.
+    make: builds the transformation.
+    implementation: ``optax8.set_implementation``'s choice while the step is traced.
+    baseline: the name of the 32-bit variant this one is compared with.
+  """
+
+  name: str
+  make: Callable[[], optax.GradientTransformation]
+  implementation: str = "auto"
+  baseline: str = "optax.adam"
+
+
+VARIANTS = (
+    Variant("optax.adam", lambda: optax.adam(1e-3)),
+    Variant("optax.adam bf16 mu", lambda: optax.adam(1e-3, mu_dtype=jnp.bfloat16)),
+    Variant("adam8bit kernel", lambda: optax8.adam8bit(1e-3), "native"),
+    Variant("adam8bit reference", lambda: optax8.adam8bit(1e-3), "reference"),
+    Variant("optax.sgd momentum", lambda: optax.sgd(1e-3, momentum=0.9), baseline="optax.sgd momentum"),
+    Variant("sgd8bit kernel", lambda: optax8.sgd8bit(1e-3, momentum=0.9), "native", "optax.sgd momentum"),
+)
+
+
+def parameters(millions: int, seed: int = 0) -> dict[str, jax.Array]:
+  """Four float32 square matrices holding ``millions`` * 2**20 parameters in all."""
+  side = int(round((millions * 2**20 / 4) ** 0.5))
+  keys = jax.random.split(jax.random.key(seed), 4)
+  return {f"w{i}": jax.random.normal(k, (side, side)) * 0.02 for i, k in enumerate(keys)}
+
+
+@dataclasses.dataclass
+class CompiledStep:
+  """A variant's step, compiled for one set of shapes, with its current arguments.
+
+  Attributes:
+    variant: the optimizer.
+    run: ``(params, state, grads) -> (params, state)``, compiled, the state and the parameters or
+      the gradient donated.
+    stats: ``run``'s ``memory_analysis()``.
+    params: the current parameters.
+    state: the current optimizer state.
+    times: seconds per timed step.
+  """
+
+  variant: Variant
+  run: Any
+  stats: Any
+  params: Any
+  state: Any
+  times: list[float] = dataclasses.field(default_factory=list)
+
+
+def compile_step(variant: Variant, params: Any) -> CompiledStep:
+  """Compiles ``update`` + ``apply_updates`` for ``params``' shapes, donating what fits best."""
+  tx = variant.make()
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  optax8.set_implementation(variant.implementation)  # chosen while the step is traced
+  try:
+    state = tx.init(params)
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+      candidates = [jax.jit(step, donate_argnums=d).lower(params, state, params).compile() for d in ((0, 1), (1, 2))]
+  finally:
+    optax8.set_implementation(None)
+  compiled = min(candidates, key=lambda c: footprint(c.memory_analysis()))
+  return CompiledStep(variant, compiled, compiled.memory_analysis(), params, state)
+
+
+def footprint(stats: Any) -> int:
+  """Bytes a compiled computation holds: arguments + outputs - aliased + temporaries."""
+  return (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+          + stats.temp_size_in_bytes)
+
+
+def measure(millions: int, rounds: int, steps: int, variants=VARIANTS) -> list[CompiledStep]:
+  """Compiles and times every variant for one parameter count.
+
+  Args:
+    millions: parameters, in units of 2**20.
+    rounds: interleaved timing rounds, after one warm-up round.
+    steps: timed steps per variant and round.
+    variants: what to time.
+
+  Returns:
+    The compiled steps, with their step times.
+  """
+  grads = jax.tree.map(lambda p: p * 0.05, parameters(millions, seed=1))
+  compiled = [compile_step(v, parameters(millions)) for v in variants]
+  for round_ in range(rounds + 1):
+    for c in compiled:
+      for _ in range(steps):
+        g = jax.block_until_ready(jax.tree.map(jnp.copy, grads))  # a fresh gradient to donate
+        start = time.perf_counter()
+        c.params, c.state = jax.block_until_ready(c.run(c.params, c.state, g))
+        if round_:
+          c.times.append(time.perf_counter() - start)
+  return compiled
+
+
+def table(results: dict[int, list[CompiledStep]]) -> str:
+  """The results as a plain-text table, one block of rows per parameter count."""
+  headers = ["params", "step", "ms/step", "ns/param", "x optax.adam", "x 32-bit counterpart"]
+  rows = []
+  for millions, compiled in results.items():
+    median = {c.variant.name: statistics.median(c.times) for c in compiled}
+    for c in compiled:
+      t = median[c.variant.name]
+      rows.append([
+          f"{millions}M", c.variant.name, f"{1e3 * t:.2f}", f"{1e9 * t / (millions * 2**20):.2f}",
+          f"{t / median['optax.adam']:.2f}", f"{t / median[c.variant.baseline]:.2f}",
+      ])
+  return common.format_table(headers, rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sizes", type=int, nargs="+", default=[1, 16, 64], help="parameter counts, in millions")
+  parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
+  args = parser.parse_args(argv)
+  if min(args.sizes) < 1 or args.rounds < 1 or args.steps < 1:
+    parser.error("--sizes, --rounds and --steps must be positive")
+  results = {m: measure(m, args.rounds, args.steps) for m in args.sizes}
+  print(f"{jax.devices()[0].device_kind}, {jax.device_count()} device(s); median of {args.rounds} x "
+        f"{args.steps} steps after a warm-up round")
+  print(table(results))
+
+
+if __name__ == "__main__":
+  main()
