@@ -6,14 +6,10 @@
 // re-encode. Blocks are independent, so the work is split into chunks of whole blocks on
 // XLA's CPU thread pool and the result does not depend on the number of threads.
 //
-// Operands: g (f32, bf16 or f16), hp (f32[..., kNumScalars]: the family's per-step scalars,
-// leading dims batch the rows of g under vmap), then codes (u8[g.shape]) and absmax
-// (f32[g.shape[:-1] + (blocks,)]) of each moment. Results: the update (g's dtype and shape),
-// then the new codes and absmax of each moment. The Python side aliases each result to its
-// operand, so the update runs in place. Attributes: family (optax8_math.h's family names, in
-// lower case), block_size, flags (the Flag bits) and signed (bit k: moment k uses the signed
-// map). A non-finite gradient element, or a moment that overflows, resets that element's
-// moments to 0 and gives it a zero update, as the reference does.
+// Operands, results and attributes are described in optax8_ffi.h. The Python side aliases
+// each result to its operand, so the update runs in place. A non-finite gradient element, or a
+// moment that overflows, resets that element's moments to 0 and gives it a zero update, as the
+// reference does.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -28,6 +24,7 @@
 #include <vector>
 
 #include "optax8_avx2.h"
+#include "optax8_ffi.h"
 #include "optax8_math.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -52,7 +49,6 @@ namespace ffi = xla::ffi;
 namespace optax8 {
 namespace {
 
-constexpr int kMaxMoments = 3;
 // About this many elements per task: large enough to amortise scheduling, small enough to
 // balance the threads.
 constexpr int64_t kChunkElements = 1 << 16;
@@ -132,26 +128,6 @@ OPTAX8_HD uint16_t FloatToHalf(float f) {
   }
   return static_cast<uint16_t>(sign | h);
 }
-
-struct MomentBuffers {
-  const uint8_t* codes;
-  const float* absmax;
-  uint8_t* new_codes;
-  float* new_absmax;
-};
-
-// One call's work, described by plain pointers and sizes.
-struct Job {
-  ffi::DataType dtype;
-  const void* g;
-  void* update;
-  const float* hp;
-  int64_t row_length;      // the last axis
-  int64_t row_blocks;      // blocks per row
-  int64_t block_size;
-  int64_t rows_per_group;  // rows sharing one hp vector
-  MomentBuffers moments[kMaxMoments];
-};
 
 // Per-thread scratch for one block: the f32 gradient, update and moments.
 float* Scratch(int64_t floats) {
@@ -309,18 +285,6 @@ OPTAX8_HD void UpdateBlocks(const Job& job, int64_t begin, int64_t end) {
 
 using BlocksFn = void (*)(const Job&, int64_t, int64_t);
 
-// Instantiates the kernel for each subset of the family's flags.
-template <class F, int kFlags = 0>
-BlocksFn SelectForFlags(int64_t flags) {
-  if constexpr (kFlags > (kNesterov | kEpsInSqrt | kBiasCorrection)) {
-    return nullptr;
-  } else if constexpr ((kFlags & ~F::kFlags) != 0) {
-    return SelectForFlags<F, kFlags + 1>(flags);
-  } else {
-    return flags == kFlags ? &UpdateBlocks<F, kFlags> : SelectForFlags<F, kFlags + 1>(flags);
-  }
-}
-
 // Runs chunks [0, chunks) on the calling thread and up to num_threads - 1 pool tasks. The
 // caller waits only for the chunks to finish, never for a task to start, so a busy or
 // single-threaded pool cannot deadlock it; tasks that start late find no work and touch
@@ -353,90 +317,27 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64
   shared->finished.wait(lock, [&] { return shared->done.load() == chunks; });
 }
 
-BlocksFn SelectFamily(std::string_view family, int64_t flags, int* moments, int* num_scalars, uint32_t* signed_mask) {
-  auto describe = [&](auto family_tag) {
-    using F = decltype(family_tag);
-    *moments = F::kMoments;
-    *num_scalars = F::kNumScalars;
-    *signed_mask = 0;
-    for (int k = 0; k < F::kMoments; ++k) *signed_mask |= F::kSigned[k] ? 1u << k : 0u;
-    return SelectForFlags<F>(flags);
-  };
-  if (family == "adam") return describe(Adam{});
-  if (family == "momentum") return describe(Momentum{});
-  if (family == "lion") return describe(Lion{});
-  if (family == "rmsprop") return describe(Rmsprop{});
-  if (family == "adagrad") return describe(Adagrad{});
-  if (family == "ademamix") return describe(Ademamix{});
-  *moments = 0;
-  return nullptr;
-}
-
-bool SameDims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
-  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
-}
-
 ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::Buffer<ffi::F32> hp, ffi::RemainingArgs state,
                       ffi::Result<ffi::AnyBuffer> update, ffi::RemainingRets new_state, std::string_view family,
                       int64_t block_size, int64_t flags, int64_t signed_mask) {
-  int moments = 0;
-  int num_scalars = 0;
-  uint32_t family_signed = 0;
-  const BlocksFn blocks_fn = SelectFamily(family, flags, &moments, &num_scalars, &family_signed);
-  if (moments == 0) return ffi::Error::InvalidArgument("optax8: unknown family " + std::string(family));
+  BlocksFn blocks_fn = nullptr;
+  Job job{};
+  ffi::Error checked = ffi::Error::Success();
+  const bool known = VisitFamily(family, [&](auto family_tag) {
+    using F = decltype(family_tag);
+    VisitFlags<F>(flags, [&](auto flags_tag) { blocks_fn = &UpdateBlocks<F, decltype(flags_tag)::value>; });
+    checked = DescribeJob<F>(g, hp, state, update, new_state, family, block_size, signed_mask, &job);
+  });
+  if (!known) return ffi::Error::InvalidArgument("optax8: unknown family " + std::string(family));
   if (blocks_fn == nullptr) return ffi::Error::InvalidArgument("optax8: flags not supported by " + std::string(family));
-  if (signed_mask != family_signed) return ffi::Error::InvalidArgument("optax8: wrong maps for " + std::string(family));
-  if (state.size() != 2 * static_cast<size_t>(moments) || new_state.size() != state.size()) {
-    return ffi::Error::InvalidArgument("optax8: wrong number of state buffers");
-  }
-  const ffi::DataType dtype = g.element_type();
-  if (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F16) {
-    return ffi::Error::InvalidArgument("optax8: the gradient must be float32, bfloat16 or float16");
-  }
-  const auto dims = g.dimensions();
-  if (dims.size() == 0 || block_size <= 0) return ffi::Error::InvalidArgument("optax8: bad rank or block size");
-  if (update->element_type() != dtype || !SameDims(update->dimensions(), dims)) {
-    return ffi::Error::InvalidArgument("optax8: the update must match the gradient");
-  }
-  const int64_t row_length = dims.back();
-  const int64_t elements = static_cast<int64_t>(g.element_count());
-  const int64_t rows = row_length == 0 ? 0 : elements / row_length;
-  const int64_t row_blocks = (row_length + block_size - 1) / block_size;
-  std::vector<int64_t> absmax_dims(dims.begin(), dims.end());
-  absmax_dims.back() = row_blocks;
+  if (checked.failure()) return checked;
 
-  Job job{dtype, g.untyped_data(), update->untyped_data(), hp.typed_data(), row_length, row_blocks, block_size, 1, {}};
-  for (int k = 0; k < moments; ++k) {
-    auto codes = state.get<ffi::Buffer<ffi::U8>>(2 * k);
-    auto absmax = state.get<ffi::Buffer<ffi::F32>>(2 * k + 1);
-    auto new_codes = new_state.get<ffi::Buffer<ffi::U8>>(2 * k);
-    auto new_absmax = new_state.get<ffi::Buffer<ffi::F32>>(2 * k + 1);
-    if (codes.has_error() || absmax.has_error() || new_codes.has_error() || new_absmax.has_error()) {
-      return ffi::Error::InvalidArgument("optax8: state buffers must be uint8 codes and float32 absmax");
-    }
-    const ffi::Span<const int64_t> expected(absmax_dims.data(), absmax_dims.size());
-    if (!SameDims(codes->dimensions(), dims) || !SameDims((*new_codes)->dimensions(), dims) ||
-        !SameDims(absmax->dimensions(), expected) || !SameDims((*new_absmax)->dimensions(), expected)) {
-      return ffi::Error::InvalidArgument("optax8: state shapes do not match the gradient");
-    }
-    job.moments[k] = {codes->typed_data(), absmax->typed_data(), (*new_codes)->typed_data(),
-                      (*new_absmax)->typed_data()};
-  }
-  const int64_t groups = static_cast<int64_t>(hp.element_count()) / num_scalars;
-  const auto hp_dims = hp.dimensions();
-  if (hp_dims.size() == 0 || hp_dims.back() != num_scalars || groups == 0 || rows % groups != 0) {
-    return ffi::Error::InvalidArgument("optax8: hyperparameters must have shape [..., " +
-                                       std::to_string(num_scalars) + "] batching the gradient's rows");
-  }
-  job.rows_per_group = rows / groups;
-
-  const int64_t total_blocks = rows * row_blocks;
   const int64_t chunk_blocks = std::max<int64_t>(1, kChunkElements / block_size);
-  const int64_t chunks = (total_blocks + chunk_blocks - 1) / chunk_blocks;
-  ParallelFor(pool, chunks, [&job, blocks_fn, chunk_blocks, total_blocks](int64_t chunk) {
+  const int64_t chunks = (job.total_blocks + chunk_blocks - 1) / chunk_blocks;
+  ParallelFor(pool, chunks, [&job, blocks_fn, chunk_blocks](int64_t chunk) {
     ScopedFlushDenormals flush;
     const int64_t begin = chunk * chunk_blocks;
-    blocks_fn(job, begin, std::min(total_blocks, begin + chunk_blocks));
+    blocks_fn(job, begin, std::min(job.total_blocks, begin + chunk_blocks));
   });
   return ffi::Error::Success();
 }
@@ -447,18 +348,7 @@ ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::Buffer<ffi::F
 // Exported with default visibility: the library is built with hidden symbols otherwise.
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* Optax8CpuUpdate(XLA_FFI_CallFrame*);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Optax8CpuUpdate, optax8::UpdateImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()          // g
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // hp
-                                  .RemainingArgs()                // codes, absmax per moment
-                                  .Ret<ffi::AnyBuffer>()          // update
-                                  .RemainingRets()                // new codes, absmax per moment
-                                  .Attr<std::string_view>("family")
-                                  .Attr<int64_t>("block_size")
-                                  .Attr<int64_t>("flags")
-                                  .Attr<int64_t>("signed"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Optax8CpuUpdate, optax8::UpdateImpl, optax8::BindUpdate<xla::ffi::ThreadPool>());
 
 // The XLA FFI API version this library was compiled against, major * 1000 + minor.
 extern "C" __attribute__((visibility("default"))) int Optax8FfiApiVersion() {

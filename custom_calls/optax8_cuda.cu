@@ -1,10 +1,11 @@
 // The fused 8-bit optimizer update for XLA:GPU (CUDA), as one XLA FFI handler.
 //
-// The operands, results, attributes, validation and per-block results are the CPU kernel's
-// (optax8_cpu.cc): for each quantization block, decode the moments, run the family's float32
-// math (optax8_math.h, compiled here for the device), take the new absmax and re-encode. The
-// codes and absmax equal the CPU kernel's bit for bit, given the same inputs and no subnormal
-// floats (XLA:CPU flushes those to zero, XLA:GPU does not).
+// The operands, results, attributes and their validation are optax8_ffi.h's, shared with the
+// CPU kernel (optax8_cpu.cc), and so are the per-block results: for each quantization block,
+// decode the moments, run the family's float32 math (optax8_math.h, compiled here for the
+// device), take the new absmax and re-encode. The codes and absmax equal the CPU kernel's bit
+// for bit, given the same inputs and no subnormal floats (XLA:CPU flushes those to zero,
+// XLA:GPU does not).
 //
 // One warp updates one quantization block, holding up to kChunk of its elements in registers:
 // every load of a chunk is issued before the first use, then the block's peak |moment| is a
@@ -26,6 +27,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "optax8_ffi.h"
 #include "optax8_math.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -34,7 +36,6 @@ namespace ffi = xla::ffi;
 namespace optax8 {
 namespace {
 
-constexpr int kMaxMoments = 3;
 constexpr int kWarp = 32;
 // Elements a lane holds per chunk; kChunk = 256, the default block size, is one chunk.
 constexpr int kItems = 8;
@@ -42,36 +43,9 @@ constexpr int kChunk = kWarp * kItems;
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / kWarp;
 
-struct MomentBuffers {
-  const uint8_t* codes;
-  const float* absmax;
-  uint8_t* new_codes;
-  float* new_absmax;
-};
-
-// One call's work, described by plain pointers and sizes (passed to the kernel by value).
-struct Job {
-  const void* g;
-  void* update;
-  const float* hp;
-  int64_t row_length;      // the last axis
-  int64_t row_blocks;      // blocks per row
-  int64_t block_size;
-  int64_t rows_per_group;  // rows sharing one hp vector
-  int64_t total_blocks;
-  MomentBuffers moments[kMaxMoments];
-};
-
+// Bit k: moment k of family F uses the signed map (a constant that device code can read).
 template <class F>
-constexpr uint32_t SignedMask() {
-  uint32_t mask = 0;
-  for (int k = 0; k < F::kMoments; ++k) mask |= F::kSigned[k] ? 1u << k : 0u;
-  return mask;
-}
-
-// Bit k: moment k of family F uses the signed map.
-template <class F>
-inline constexpr uint32_t kSignedMaskOf = SignedMask<F>();
+inline constexpr uint32_t kSignedMaskOf = SignedMaskOf<F>();
 
 // The shared-memory tables a family's kernel reads: all of them, or the signed ones (laid out
 // first) when no moment uses the unsigned map.
@@ -294,109 +268,26 @@ template <class F, int kFlags>
 inline constexpr Launchers kLaunchers = {&Launch<F, kFlags, float>, &Launch<F, kFlags, __nv_bfloat16>,
                                          &Launch<F, kFlags, __half>};
 
-// Instantiates the kernels for each subset of the family's flags.
-template <class F, int kFlags = 0>
-const Launchers* SelectForFlags(int64_t flags) {
-  if constexpr (kFlags > (kNesterov | kEpsInSqrt | kBiasCorrection)) {
-    return nullptr;
-  } else if constexpr ((kFlags & ~F::kFlags) != 0) {
-    return SelectForFlags<F, kFlags + 1>(flags);
-  } else {
-    return flags == kFlags ? &kLaunchers<F, kFlags> : SelectForFlags<F, kFlags + 1>(flags);
-  }
-}
-
-const Launchers* SelectFamily(std::string_view family, int64_t flags, int* moments, int* num_scalars,
-                              uint32_t* signed_mask) {
-  auto describe = [&](auto family_tag) {
-    using F = decltype(family_tag);
-    *moments = F::kMoments;
-    *num_scalars = F::kNumScalars;
-    *signed_mask = kSignedMaskOf<F>;
-    return SelectForFlags<F>(flags);
-  };
-  if (family == "adam") return describe(Adam{});
-  if (family == "momentum") return describe(Momentum{});
-  if (family == "lion") return describe(Lion{});
-  if (family == "rmsprop") return describe(Rmsprop{});
-  if (family == "adagrad") return describe(Adagrad{});
-  if (family == "ademamix") return describe(Ademamix{});
-  *moments = 0;
-  return nullptr;
-}
-
-bool SameDims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
-  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
-}
-
-// Validates as the CPU handler does, with its messages, then launches on XLA's stream.
+// Validates the call (optax8_ffi.h, as the CPU handler does), then launches on XLA's stream.
 ffi::Error UpdateImpl(cudaStream_t stream, ffi::AnyBuffer g, ffi::Buffer<ffi::F32> hp, ffi::RemainingArgs state,
                       ffi::Result<ffi::AnyBuffer> update, ffi::RemainingRets new_state, std::string_view family,
                       int64_t block_size, int64_t flags, int64_t signed_mask) {
-  int moments = 0;
-  int num_scalars = 0;
-  uint32_t family_signed = 0;
-  const Launchers* launchers = SelectFamily(family, flags, &moments, &num_scalars, &family_signed);
-  if (moments == 0) return ffi::Error::InvalidArgument("optax8: unknown family " + std::string(family));
+  const Launchers* launchers = nullptr;
+  Job job{};
+  ffi::Error checked = ffi::Error::Success();
+  const bool known = VisitFamily(family, [&](auto family_tag) {
+    using F = decltype(family_tag);
+    VisitFlags<F>(flags, [&](auto flags_tag) { launchers = &kLaunchers<F, decltype(flags_tag)::value>; });
+    checked = DescribeJob<F>(g, hp, state, update, new_state, family, block_size, signed_mask, &job);
+  });
+  if (!known) return ffi::Error::InvalidArgument("optax8: unknown family " + std::string(family));
   if (launchers == nullptr) return ffi::Error::InvalidArgument("optax8: flags not supported by " + std::string(family));
-  if (signed_mask != family_signed) return ffi::Error::InvalidArgument("optax8: wrong maps for " + std::string(family));
-  if (state.size() != 2 * static_cast<size_t>(moments) || new_state.size() != state.size()) {
-    return ffi::Error::InvalidArgument("optax8: wrong number of state buffers");
-  }
-  const ffi::DataType dtype = g.element_type();
-  LaunchFn launch = nullptr;
-  switch (dtype) {
-    case ffi::DataType::F32:
-      launch = launchers->f32;
-      break;
-    case ffi::DataType::BF16:
-      launch = launchers->bf16;
-      break;
-    case ffi::DataType::F16:
-      launch = launchers->f16;
-      break;
-    default:
-      return ffi::Error::InvalidArgument("optax8: the gradient must be float32, bfloat16 or float16");
-  }
-  const auto dims = g.dimensions();
-  if (dims.size() == 0 || block_size <= 0) return ffi::Error::InvalidArgument("optax8: bad rank or block size");
-  if (update->element_type() != dtype || !SameDims(update->dimensions(), dims)) {
-    return ffi::Error::InvalidArgument("optax8: the update must match the gradient");
-  }
-  const int64_t row_length = dims.back();
-  const int64_t elements = static_cast<int64_t>(g.element_count());
-  const int64_t rows = row_length == 0 ? 0 : elements / row_length;
-  const int64_t row_blocks = (row_length + block_size - 1) / block_size;
-  std::vector<int64_t> absmax_dims(dims.begin(), dims.end());
-  absmax_dims.back() = row_blocks;
-
-  Job job{g.untyped_data(), update->untyped_data(), hp.typed_data(), row_length, row_blocks, block_size, 1,
-          rows * row_blocks, {}};
-  for (int k = 0; k < moments; ++k) {
-    auto codes = state.get<ffi::Buffer<ffi::U8>>(2 * k);
-    auto absmax = state.get<ffi::Buffer<ffi::F32>>(2 * k + 1);
-    auto new_codes = new_state.get<ffi::Buffer<ffi::U8>>(2 * k);
-    auto new_absmax = new_state.get<ffi::Buffer<ffi::F32>>(2 * k + 1);
-    if (codes.has_error() || absmax.has_error() || new_codes.has_error() || new_absmax.has_error()) {
-      return ffi::Error::InvalidArgument("optax8: state buffers must be uint8 codes and float32 absmax");
-    }
-    const ffi::Span<const int64_t> expected(absmax_dims.data(), absmax_dims.size());
-    if (!SameDims(codes->dimensions(), dims) || !SameDims((*new_codes)->dimensions(), dims) ||
-        !SameDims(absmax->dimensions(), expected) || !SameDims((*new_absmax)->dimensions(), expected)) {
-      return ffi::Error::InvalidArgument("optax8: state shapes do not match the gradient");
-    }
-    job.moments[k] = {codes->typed_data(), absmax->typed_data(), (*new_codes)->typed_data(),
-                      (*new_absmax)->typed_data()};
-  }
-  const int64_t groups = static_cast<int64_t>(hp.element_count()) / num_scalars;
-  const auto hp_dims = hp.dimensions();
-  if (hp_dims.size() == 0 || hp_dims.back() != num_scalars || groups == 0 || rows % groups != 0) {
-    return ffi::Error::InvalidArgument("optax8: hyperparameters must have shape [..., " +
-                                       std::to_string(num_scalars) + "] batching the gradient's rows");
-  }
-  job.rows_per_group = rows / groups;
+  if (checked.failure()) return checked;
   if (job.total_blocks == 0) return ffi::Error::Success();
 
+  const LaunchFn launch = job.dtype == ffi::DataType::BF16  ? launchers->bf16
+                          : job.dtype == ffi::DataType::F16 ? launchers->f16
+                                                            : launchers->f32;
   const cudaError_t status = launch(stream, job);
   if (status != cudaSuccess) {
     // The error may also come from earlier asynchronous work on this device.
@@ -412,17 +303,7 @@ ffi::Error UpdateImpl(cudaStream_t stream, ffi::AnyBuffer g, ffi::Buffer<ffi::F3
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* Optax8CudaUpdate(XLA_FFI_CallFrame*);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Optax8CudaUpdate, optax8::UpdateImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()          // g
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // hp
-                                  .RemainingArgs()                // codes, absmax per moment
-                                  .Ret<ffi::AnyBuffer>()          // update
-                                  .RemainingRets()                // new codes, absmax per moment
-                                  .Attr<std::string_view>("family")
-                                  .Attr<int64_t>("block_size")
-                                  .Attr<int64_t>("flags")
-                                  .Attr<int64_t>("signed"));
+                              optax8::BindUpdate<xla::ffi::PlatformStream<cudaStream_t>>());
 
 // The XLA FFI API version this library was compiled against, major * 1000 + minor.
 extern "C" __attribute__((visibility("default"))) int Optax8CudaFfiApiVersion() {
