@@ -49,13 +49,6 @@ GPUS = cuda_devices()
 gpu = pytest.mark.skipif(not GPUS, reason="needs a CUDA GPU")
 
 
-@pytest.fixture(autouse=True)
-def _auto_implementation():
-  native.set_implementation(None)
-  yield
-  native.set_implementation(None)
-
-
 def build_disabled():
   return any(os.environ.get(name, "").upper() == "OFF" for name in ("OPTAX8_CUDA", "OPTAX8_NATIVE"))
 

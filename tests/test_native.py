@@ -122,13 +122,6 @@ def leaf_case(name, shape, dtype=jnp.float32, block_size=128, count=3, seed=0):
   return family, static, g, moments, family.scalars(jnp.int32(count), **hyper)
 
 
-@pytest.fixture(autouse=True)
-def _auto_implementation():
-  native.set_implementation(None)
-  yield
-  native.set_implementation(None)
-
-
 def test_kernel_is_close_to_the_reference_where_xla_contracts():
   """Wherever XLA fuses multiply-adds, the moments agree to a last bit, so codes to one step."""
   kernel, reference = both(*leaf_case("adam", (16, 1000), block_size=256))
