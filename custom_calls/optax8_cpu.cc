@@ -167,14 +167,13 @@ OPTAX8_HD void StoreHalfUpdate(const Job& job, int64_t offset, int64_t n, const 
   }
 }
 
-
 // All ones for a finite x, else 0.
 OPTAX8_HD uint32_t FiniteMask(float x) { return (FloatToBits(x) & 0x7F800000u) != 0x7F800000u ? ~0u : 0u; }
 
 // x, or +0 where mask is 0.
 OPTAX8_HD float Masked(float x, uint32_t mask) { return BitsToFloat(FloatToBits(x) & mask); }
 
-
+// codes[j] = Encode<kSigned>(values[j] * scale) for j < n.
 template <bool kSigned>
 OPTAX8_HD void EncodeBlock(const float* __restrict__ values, float scale, int64_t n, uint8_t* __restrict__ codes) {
   int64_t j = 0;

@@ -74,7 +74,6 @@ FLAG_BITS = {"nesterov": 1, "eps_in_sqrt": 2, "bias_correction": 4}
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-
 class _Library(NamedTuple):
   """One platform's kernel library: how to find it and what it exports."""
 
