@@ -3,9 +3,10 @@
 For each size (100M and 1B float32 parameters by default, in four ``rows x 4096`` matrices)
 the benchmark times, on the first GPU:
 
-* the step, ``tx.update`` followed by ``optax.apply_updates`` under ``jax.jit`` with the
-  parameters, optimizer state and a fresh gradient donated, for ``optax.adam`` and
-  ``optax8.adam8bit`` (the CUDA kernel): the median of the timed steps after a warm-up;
+* the step of ``benchmarks/step_time.py`` (``tx.update`` followed by ``optax.apply_updates``
+  under ``jax.jit``, the optimizer state and the parameters or a fresh gradient donated), for
+  ``optax.adam`` and ``optax8.adam8bit`` (the CUDA kernel): the median of the timed steps
+  after a warm-up;
 * ``adam8bit``'s update alone (its CUDA kernel, one call per matrix), back to back, each
   update fed to the next call as its gradient;
 * a device-to-device copy of as many bytes as the kernel moves, in the same run.
@@ -34,9 +35,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 import optax8
+from benchmarks import step_time
 from examples import common
 from optax8._src import native
 
@@ -86,29 +87,23 @@ def _shapes(num_params: int) -> list[tuple[int, int]]:
   return [(rows, COLUMNS)] * MATRICES
 
 
-def _median_step(tx: optax.GradientTransformation, shapes: list[tuple[int, int]], device: Any, warmup: int,
+def _median_step(variant: step_time.Variant, shapes: list[tuple[int, int]], device: Any, warmup: int,
                  steps: int) -> tuple[float, str]:
-  """Median step time, with the compiled step's HLO text."""
+  """Median step time (``benchmarks/step_time.py``'s step and donation), with the step's HLO text."""
   keys = jax.random.split(jax.random.key(0), 2 * len(shapes))
   with jax.default_device(device):
     params = {f"w{i}": jax.random.normal(keys[i], s) * 0.02 for i, s in enumerate(shapes)}
     grads = {f"w{i}": jax.random.normal(keys[len(shapes) + i], s) * 1e-3 for i, s in enumerate(shapes)}
-    state = tx.init(params)
-
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(params, state, grads).compile()
+  compiled = step_time.compile_step(variant, params)
   fresh = jax.jit(lambda g: jax.tree.map(jnp.copy, g))
   times = []
   for i in range(warmup + steps):
     g = jax.block_until_ready(fresh(grads))  # donatable, like a gradient computed in the step
     start = time.perf_counter()
-    params, state = jax.block_until_ready(compiled(params, state, g))
+    compiled.params, compiled.state = jax.block_until_ready(compiled.run(compiled.params, compiled.state, g))
     if i >= warmup:
       times.append(time.perf_counter() - start)
-  return statistics.median(times), compiled.as_text()
+  return statistics.median(times), compiled.run.as_text()
 
 
 def _back_to_back(fn: Callable[[Any], Any], x: Any, warmup: int, calls: int) -> float:
@@ -146,29 +141,34 @@ def _copy_time(num_bytes: int, device: Any, warmup: int, calls: int) -> float:
   return _back_to_back(jax.jit(jnp.copy), x, warmup, calls)
 
 
-def measure(num_params: int, warmup: int = 3, steps: int = 10) -> Result:
-  """Times one size's steps, kernel and copy on the first GPU.
+def measure(num_params: int, warmup: int = 3, steps: int = 10, device: Any = None) -> Result:
+  """Times one size's steps, kernel and copy on one device.
 
   Args:
     num_params: parameters in all, split into four ``rows x 4096`` float32 matrices.
     warmup: untimed steps (and calls) first.
     steps: timed steps (and calls).
+    device: where to run; by default the first CUDA GPU. (Any device with an optax8 kernel
+      works, which lets a CPU check the benchmark itself.)
 
   Returns:
     The measurements.
 
   Raises:
-    RuntimeError: if there is no CUDA GPU, or its optax8 kernel is unusable.
+    RuntimeError: if there is no CUDA GPU (and no device is given), or the device's optax8
+      kernel is unusable.
   """
-  try:
-    device = jax.devices("cuda")[0]
-  except RuntimeError as e:
-    raise RuntimeError("benchmarks.gpu_step needs a CUDA GPU") from e
-  optax8.set_implementation("native")  # raises if the CUDA kernel is unusable
+  if device is None:
+    try:
+      device = jax.devices("cuda")[0]
+    except RuntimeError as e:
+      raise RuntimeError("benchmarks.gpu_step needs a CUDA GPU") from e
+  optax8.set_implementation("native")  # raises if the kernel is unusable
   try:
     shapes = _shapes(num_params)
-    adam, _ = _median_step(optax.adam(1e-3), shapes, device, warmup, steps)
-    adam8bit, text = _median_step(optax8.adam8bit(1e-3), shapes, device, warmup, steps)
+    adam, _ = _median_step(step_time.VARIANTS[0], shapes, device, warmup, steps)
+    adam8bit, text = _median_step(step_time.Variant("adam8bit", lambda: optax8.adam8bit(1e-3), "native"), shapes,
+                                  device, warmup, steps)
     kernel, kernel_bytes = _kernel_time(shapes, device, warmup, steps)
     copy = _copy_time(kernel_bytes, device, warmup, steps)
   finally:
