@@ -51,7 +51,7 @@ namespace {
 
 // About this many elements per task: large enough to amortise scheduling, small enough to
 // balance the threads.
-constexpr int64_t kChunkElements = 1 << 16;
+constexpr int64_t kChunkElements = 1 << 14;
 
 // XLA:CPU computes with denormals flushed to zero (inputs and results); so does the kernel,
 // for the duration of a task, so that it produces the same bits.
