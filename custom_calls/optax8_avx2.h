@@ -38,18 +38,20 @@ OPTAX8_HD Vec8 Sqrt(Vec8 x) { return _mm256_sqrt_ps(x.v); }
 OPTAX8_HD Vec8 Select(Mask8 condition, Vec8 if_true, Vec8 if_false) {
   return _mm256_blendv_ps(if_false.v, if_true.v, condition.v);
 }
+// As the scalar Sign (jnp.sign): ±1 with x's sign, except that ±0 and NaN stay.
 OPTAX8_HD Vec8 Sign(Vec8 x) {
-  // ±1 with x's sign where x is neither zero nor NaN; x itself there.
   const __m256 unit = _mm256_or_ps(_mm256_and_ps(x.v, _mm256_set1_ps(-0.0f)), _mm256_set1_ps(1.0f));
   return _mm256_blendv_ps(x.v, unit, _mm256_cmp_ps(x.v, _mm256_setzero_ps(), _CMP_NEQ_OQ));
 }
 
-// All ones in the lanes of finite values, else 0; and x with the other lanes set to +0.
+// All ones in the lanes of finite values, else 0.
 OPTAX8_HD __m256i FiniteMask(Vec8 x) {
   const __m256i exponent = _mm256_set1_epi32(0x7F800000);
   const __m256i bits = _mm256_castps_si256(x.v);
   return _mm256_xor_si256(_mm256_cmpeq_epi32(_mm256_and_si256(bits, exponent), exponent), _mm256_set1_epi32(-1));
 }
+
+// x, with +0 in the lanes where mask is 0.
 OPTAX8_HD Vec8 Masked(Vec8 x, __m256i mask) { return _mm256_and_ps(x.v, _mm256_castsi256_ps(mask)); }
 
 // values[j] = map[codes[j]] for j < n, a multiple of kLanes: scalar loads, which x86 cores
@@ -86,6 +88,7 @@ OPTAX8_HD void Encode8(Vec8 x, uint8_t* codes) {
   _mm_storel_epi64(reinterpret_cast<__m128i*>(codes), _mm_packus_epi16(words, words));
 }
 
+// The largest of eight unsigned 32-bit lanes.
 OPTAX8_HD uint32_t HorizontalMax(__m256i x) {
   __m128i m = _mm_max_epu32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
   m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4E));
