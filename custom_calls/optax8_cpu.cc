@@ -321,14 +321,10 @@ ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::Buffer<ffi::F
                       int64_t block_size, int64_t flags, int64_t signed_mask) {
   BlocksFn blocks_fn = nullptr;
   Job job{};
-  ffi::Error checked = ffi::Error::Success();
-  const bool known = VisitFamily(family, [&](auto family_tag) {
-    using F = decltype(family_tag);
-    VisitFlags<F>(flags, [&](auto flags_tag) { blocks_fn = &UpdateBlocks<F, decltype(flags_tag)::value>; });
-    checked = DescribeJob<F>(g, hp, state, update, new_state, family, block_size, signed_mask, &job);
-  });
-  if (!known) return ffi::Error::InvalidArgument("optax8: unknown family " + std::string(family));
-  if (blocks_fn == nullptr) return ffi::Error::InvalidArgument("optax8: flags not supported by " + std::string(family));
+  ffi::Error checked = PrepareJob(g, hp, state, update, new_state, family, block_size, flags, signed_mask, &job,
+                                  [&](auto family_tag, auto flags_tag) {
+                                    blocks_fn = &UpdateBlocks<decltype(family_tag), decltype(flags_tag)::value>;
+                                  });
   if (checked.failure()) return checked;
 
   const int64_t chunk_blocks = std::max<int64_t>(1, kChunkElements / block_size);

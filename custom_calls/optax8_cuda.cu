@@ -274,14 +274,10 @@ ffi::Error UpdateImpl(cudaStream_t stream, ffi::AnyBuffer g, ffi::Buffer<ffi::F3
                       int64_t block_size, int64_t flags, int64_t signed_mask) {
   const Launchers* launchers = nullptr;
   Job job{};
-  ffi::Error checked = ffi::Error::Success();
-  const bool known = VisitFamily(family, [&](auto family_tag) {
-    using F = decltype(family_tag);
-    VisitFlags<F>(flags, [&](auto flags_tag) { launchers = &kLaunchers<F, decltype(flags_tag)::value>; });
-    checked = DescribeJob<F>(g, hp, state, update, new_state, family, block_size, signed_mask, &job);
-  });
-  if (!known) return ffi::Error::InvalidArgument("optax8: unknown family " + std::string(family));
-  if (launchers == nullptr) return ffi::Error::InvalidArgument("optax8: flags not supported by " + std::string(family));
+  ffi::Error checked = PrepareJob(g, hp, state, update, new_state, family, block_size, flags, signed_mask, &job,
+                                  [&](auto family_tag, auto flags_tag) {
+                                    launchers = &kLaunchers<decltype(family_tag), decltype(flags_tag)::value>;
+                                  });
   if (checked.failure()) return checked;
   if (job.total_blocks == 0) return ffi::Error::Success();
 

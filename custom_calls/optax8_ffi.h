@@ -138,6 +138,26 @@ xla::ffi::Error DescribeJob(xla::ffi::AnyBuffer g, xla::ffi::Buffer<xla::ffi::F3
   return ffi::Error::Success();
 }
 
+// Checks and describes a call (as DescribeJob) of the family called `family`, and calls
+// pick(F{}, std::integral_constant<int, flags>{}) so that the handler can choose its kernel.
+template <class Pick>
+xla::ffi::Error PrepareJob(xla::ffi::AnyBuffer g, xla::ffi::Buffer<xla::ffi::F32> hp, xla::ffi::RemainingArgs state,
+                           xla::ffi::Result<xla::ffi::AnyBuffer> update, xla::ffi::RemainingRets new_state,
+                           std::string_view family, int64_t block_size, int64_t flags, int64_t signed_mask, Job* job,
+                           Pick&& pick) {
+  namespace ffi = xla::ffi;
+  bool flags_supported = false;
+  ffi::Error checked = ffi::Error::Success();
+  const bool known = VisitFamily(family, [&](auto family_tag) {
+    using F = decltype(family_tag);
+    flags_supported = VisitFlags<F>(flags, [&](auto flags_tag) { pick(family_tag, flags_tag); });
+    checked = DescribeJob<F>(g, hp, state, update, new_state, family, block_size, signed_mask, job);
+  });
+  if (!known) return ffi::Error::InvalidArgument("optax8: unknown family " + std::string(family));
+  if (!flags_supported) return ffi::Error::InvalidArgument("optax8: flags not supported by " + std::string(family));
+  return checked;
+}
+
 // Binds the handler's signature: `Ctx` is the platform's context (thread pool, stream).
 template <class Ctx>
 auto BindUpdate() {

@@ -17,7 +17,6 @@ import subprocess
 import sys
 
 import hypothesis
-import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +24,6 @@ import optax
 import pytest
 import test_native
 from cases import CASES
-from hypothesis import strategies as st
 
 import optax8
 from optax8._src import moments as moments_lib
@@ -91,10 +89,6 @@ def without_subnormals(g):
   return jnp.asarray(np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(0), x)).astype(g.dtype)
 
 
-def update_rtol(dtype):
-  return 2e-6 if jnp.dtype(dtype) == jnp.float32 else float(jnp.finfo(dtype).eps)
-
-
 def assert_close(kernel, reference, rtol):
   """Moments equal up to a last bit (codes to one step, rarely); updates to ``rtol``-ish."""
   (u_kernel, m_kernel), (u_ref, m_ref) = kernel, reference
@@ -133,7 +127,7 @@ def test_cuda_kernel_equals_cpu_kernel(key):
   g = without_subnormals(g)
   cuda = run_on(GPUS[0], native._kernel_update, family, static, g, moments, scalars)
   cpu = run_on(jax.devices("cpu")[0], native._kernel_update, family, static, g, moments, scalars)
-  test_native.assert_same(cuda, cpu, rtol=update_rtol(g.dtype))
+  test_native.assert_same(cuda, cpu, rtol=test_native.update_rtol(g.dtype))
 
 
 @gpu
@@ -143,9 +137,9 @@ def test_cuda_kernel_equals_reference_on_gpu(key, gpu_contracts):
   kernel = run_on(GPUS[0], native._kernel_update, family, static, g, moments, scalars)
   reference = run_on(GPUS[0], moments_lib.reference_leaf_update, family, static, g, moments, scalars)
   if gpu_contracts:
-    assert_close(kernel, reference, update_rtol(g.dtype))
+    assert_close(kernel, reference, test_native.update_rtol(g.dtype))
   else:
-    test_native.assert_same(kernel, reference, rtol=update_rtol(g.dtype))
+    test_native.assert_same(kernel, reference, rtol=test_native.update_rtol(g.dtype))
 
 
 @gpu
@@ -167,31 +161,15 @@ def test_all_zero_and_non_finite_blocks():
   test_native.assert_same((update, [m, v]), cpu)
 
 
-HYPERPARAMETER_RANGES = test_native.HYPERPARAMETER_RANGES
-
-
 @gpu
 @hypothesis.settings(max_examples=20, deadline=None)
-@hypothesis.given(
-    name=st.sampled_from(sorted(FAMILIES)),
-    shape=hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=70).filter(lambda s: np.prod(s) <= 30_000),
-    dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),
-    block_size=st.sampled_from([1, 7, 32, 64, 256, 300, 1000]),
-    count=st.integers(1, 1000),
-    seed=st.integers(0, 2**31 - 1),
-    fractions=st.lists(st.floats(0.0, 1.0), min_size=len(HYPERPARAMETER_RANGES), max_size=len(HYPERPARAMETER_RANGES)),
-)
-def test_hypothesis_cuda_kernel_equals_cpu_kernel(name, shape, dtype, block_size, count, seed, fractions):
-  family, static, hyper = FAMILIES[name]
-  drawn = {k: lo + f * (hi - lo) for (k, (lo, hi)), f in zip(HYPERPARAMETER_RANGES.items(), fractions)}
-  hyper = {k: drawn.get(k, v) for k, v in hyper.items()}
-  rng = np.random.default_rng(seed)
-  moments = test_native.random_moments(rng, family, shape, block_size)
-  g = without_subnormals(test_native.random_gradient(rng, shape, dtype, block_size))
-  scalars = family.scalars(jnp.int32(count), **hyper)
+@hypothesis.given(case=test_native.random_leaf_cases(block_sizes=(1, 7, 32, 64, 256, 300, 1000)))
+def test_hypothesis_cuda_kernel_equals_cpu_kernel(case):
+  family, static, g, moments, scalars = case
+  g = without_subnormals(g)
   cuda = run_on(GPUS[0], native._kernel_update, family, static, g, moments, scalars)
   cpu = run_on(jax.devices("cpu")[0], native._kernel_update, family, static, g, moments, scalars)
-  test_native.assert_same(cuda, cpu, rtol=update_rtol(dtype))
+  test_native.assert_same(cuda, cpu, rtol=test_native.update_rtol(g.dtype))
 
 
 @gpu
