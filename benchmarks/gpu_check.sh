@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The CUDA kernel's checks on a machine with a CUDA GPU, in one run: build and install the
 # package with the CUDA kernel (no network needed: build dependencies must be installed),
-# run the GPU tests and the CPU kernel's tests, then the GPU benchmark. Every stage runs even when
+# run the GPU tests and the CPU kernel's tests, then the GPU benchmark (and bitsandbytes' step
+# where it is installed). Every stage runs even when
 # an earlier one fails, logs to $OUT/<stage>.log, and the summary at the end lists each
 # stage's exit status.
 #
 # Usage, from the repository root:  OUT=/tmp/optax8-gpu benchmarks/gpu_check.sh
+# SKIP_STAGES="cpu_tests bnb" leaves the named stages out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_check_out}"
@@ -17,6 +19,10 @@ summary=()
 stage() {  # stage NAME TIMEOUT_SECONDS COMMAND...
   local name=$1 limit=$2 start=$SECONDS rc
   shift 2
+  if [[ " ${SKIP_STAGES:-} " == *" $name "* ]]; then
+    summary+=("$(printf '%-10s skipped (SKIP_STAGES)' "$name")")
+    return
+  fi
   echo "== $name: $*"
   timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
@@ -38,10 +44,15 @@ stage tests 180 "$PYTHON" -m pytest -p no:cacheprovider -o addopts= -q -rs --dur
 stage cpu_tests 90 env JAX_PLATFORMS=cpu "$PYTHON" -m pytest -p no:cacheprovider -o addopts= -q -rs \
   --rootdir=. tests/test_native.py
 stage benchmark 120 "$PYTHON" -m benchmarks.gpu_step
+# bitsandbytes' Adam8bit on the same GPU, where torch and bitsandbytes are installed.
+if "$PYTHON" -c "import bitsandbytes, torch" >/dev/null 2>&1; then
+  stage bnb 60 "$PYTHON" -m benchmarks.bnb_step
+fi
 
 echo
 echo "== summary"
 cat "$OUT/env.log"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.log"
-grep -hE "passed|failed|error" "$OUT/tests.log" "$OUT/cpu_tests.log" | tail -n 6
+grep -hE "passed|failed|error" "$OUT/tests.log" "$OUT/cpu_tests.log" 2>/dev/null | tail -n 6
 grep -hE "^target|kernel:" "$OUT/benchmark.log"
+[[ -f "$OUT/bnb.log" ]] && tail -n 6 "$OUT/bnb.log"

@@ -89,6 +89,13 @@ def without_subnormals(g):
   return jnp.asarray(np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(0), x)).astype(g.dtype)
 
 
+def cancellation_atol(u_ref):
+  """An absolute update tolerance against XLA:GPU's reference: XLA may reassociate or fuse its
+  update expression, and where the expression's terms cancel (Nesterov, AdEMAMix) a last-bit
+  difference in a term is a larger relative one in a small update."""
+  return 1e-6 * float(np.nanmax(np.abs(np.asarray(u_ref, np.float32)), initial=0.0))
+
+
 def assert_close(kernel, reference, rtol):
   """Moments equal up to a last bit (codes to one step, rarely); updates to ``rtol``-ish."""
   (u_kernel, m_kernel), (u_ref, m_ref) = kernel, reference
@@ -96,9 +103,8 @@ def assert_close(kernel, reference, rtol):
     codes = np.asarray(a.codes, np.int32) - np.asarray(b.codes, np.int32)
     assert np.abs(codes).max(initial=0) <= 1 and np.mean(codes != 0) < 1e-3
     np.testing.assert_allclose(a.absmax, b.absmax, rtol=1e-6)
-  scale = float(np.nanmax(np.abs(np.asarray(u_ref, np.float32)), initial=0.0))
   np.testing.assert_allclose(np.asarray(u_kernel, np.float32), np.asarray(u_ref, np.float32),
-                             rtol=max(rtol, 1e-5), atol=1e-6 * scale)
+                             rtol=max(rtol, 1e-5), atol=cancellation_atol(u_ref))
 
 
 LEAF_CASES = {
@@ -139,7 +145,8 @@ def test_cuda_kernel_equals_reference_on_gpu(key, gpu_contracts):
   if gpu_contracts:
     assert_close(kernel, reference, test_native.update_rtol(g.dtype))
   else:
-    test_native.assert_same(kernel, reference, rtol=test_native.update_rtol(g.dtype))
+    test_native.assert_same(kernel, reference, rtol=test_native.update_rtol(g.dtype),
+                            atol=cancellation_atol(reference[0]))
 
 
 @gpu
@@ -206,7 +213,7 @@ def test_optimizers_match_the_cpu_kernel_over_steps(case):
   tx = case.make(case.lr, block_size=128)
   results = {}
   for device in (GPUS[0], jax.devices("cpu")[0]):
-    state, update = jax.device_put((tx.init(params), params), device), jax.jit(tx.update)
+    state, update = jax.device_put(tx.init(params), device), jax.jit(tx.update)
     p = jax.device_put(params, device)
     assert TARGET in update.lower(jax.device_put(grads[0], device), state, p).as_text()
     for g in grads:

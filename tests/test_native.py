@@ -103,14 +103,15 @@ def both(family, static, g, moments, scalars):
   return run(native._kernel_update), run(moments_lib.reference_leaf_update)
 
 
-def assert_same(kernel, reference, rtol=2e-6):
+def assert_same(kernel, reference, rtol=2e-6, atol=1e-30):
+  """Codes and absmax identical; updates to ``rtol`` (and ``atol``)."""
   (u_kernel, m_kernel), (u_ref, m_ref) = kernel, reference
   for a, b in zip(m_kernel, m_ref):
     np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
     np.testing.assert_array_equal(np.asarray(a.absmax), np.asarray(b.absmax))
   assert u_kernel.dtype == u_ref.dtype and u_kernel.shape == u_ref.shape
   np.testing.assert_allclose(
-      np.asarray(u_kernel, np.float32), np.asarray(u_ref, np.float32), rtol=rtol, atol=1e-30
+      np.asarray(u_kernel, np.float32), np.asarray(u_ref, np.float32), rtol=rtol, atol=atol
   )
 
 
