@@ -16,7 +16,7 @@ import argparse
 import statistics
 from collections.abc import Callable
 
-from benchmarks.gpu_step import COLUMNS, MATRICES, _parse_size, _shapes, _size_label
+from benchmarks.gpu_step import COLUMNS, MATRICES, matrix_shapes, parse_size, size_label
 from examples import common
 
 __all__ = ["main", "median_step_seconds"]
@@ -29,7 +29,7 @@ def median_step_seconds(make_optimizer: Callable[[list], object], num_params: in
 
   generator = torch.Generator(device="cuda").manual_seed(0)
   params = []
-  for shape in _shapes(num_params):
+  for shape in matrix_shapes(num_params):
     p = torch.nn.Parameter(0.02 * torch.randn(shape, device="cuda", generator=generator))
     p.grad = 1e-3 * torch.randn(shape, device="cuda", generator=generator)
     params.append(p)
@@ -63,11 +63,11 @@ def main(argv: list[str] | None = None) -> None:
   }
   rows = []
   for size in args.sizes.split(","):
-    num_params = _parse_size(size)
+    num_params = parse_size(size)
     seconds = {name: median_step_seconds(make, num_params, args.warmup, args.steps)
                for name, make in optimizers.items()}
     baseline = seconds["torch.optim.Adam fused"]
-    rows += [[f"{_size_label(num_params)} {name}", f"{1e3 * s:.3f}", f"{s / baseline:.2f}"]
+    rows += [[f"{size_label(num_params)} {name}", f"{1e3 * s:.3f}", f"{s / baseline:.2f}"]
              for name, s in seconds.items()]
   print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, float32 parameters in {MATRICES} "
         f"matrices of width {COLUMNS}, median of {args.steps} steps after {args.warmup} untimed")

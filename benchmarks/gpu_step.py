@@ -41,7 +41,7 @@ from benchmarks import step_time
 from examples import common
 from optax8._src import native
 
-__all__ = ["Result", "main", "measure"]
+__all__ = ["Result", "main", "matrix_shapes", "measure", "parse_size", "size_label"]
 
 COLUMNS = 4096
 MATRICES = 4
@@ -73,7 +73,7 @@ class Result:
   in_command_buffer: bool
 
 
-def _parse_size(text: str) -> int:
+def parse_size(text: str) -> int:
   units = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
   text = text.strip().upper()
   try:
@@ -82,7 +82,7 @@ def _parse_size(text: str) -> int:
     raise ValueError(f"size must be a number with an optional K, M or B suffix, got {text!r}.") from e
 
 
-def _shapes(num_params: int) -> list[tuple[int, int]]:
+def matrix_shapes(num_params: int) -> list[tuple[int, int]]:
   rows = max(1, math.ceil(num_params / (MATRICES * COLUMNS)))
   return [(rows, COLUMNS)] * MATRICES
 
@@ -165,7 +165,7 @@ def measure(num_params: int, warmup: int = 3, steps: int = 10, device: Any = Non
       raise RuntimeError("benchmarks.gpu_step needs a CUDA GPU") from e
   optax8.set_implementation("native")  # raises if the kernel is unusable
   try:
-    shapes = _shapes(num_params)
+    shapes = matrix_shapes(num_params)
     adam, _ = _median_step(step_time.VARIANTS[0], shapes, device, warmup, steps)
     adam8bit, text = _median_step(step_time.Variant("adam8bit", lambda: optax8.adam8bit(1e-3), "native"), shapes,
                                   device, warmup, steps)
@@ -177,7 +177,7 @@ def measure(num_params: int, warmup: int = 3, steps: int = 10, device: Any = Non
                 native.TARGET in text, "command_buffer" in text)
 
 
-def _size_label(num_params: int) -> str:
+def size_label(num_params: int) -> str:
   return f"{num_params / 1e9:.2f}B" if num_params >= 10**9 else f"{num_params / 1e6:.0f}M"
 
 
@@ -186,7 +186,7 @@ def tables(results: list[Result]) -> str:
   step_rows = []
   kernel_rows = []
   for r in results:
-    size = _size_label(r.num_params)
+    size = size_label(r.num_params)
     step_rows.append([f"{size} optax.adam", f"{1e3 * r.adam_step:.3f}", "1.00"])
     ratio = r.adam8bit_step / r.adam_step
     step_rows.append([f"{size} optax8.adam8bit", f"{1e3 * r.adam8bit_step:.3f}", f"{ratio:.2f}"])
@@ -202,11 +202,11 @@ def tables(results: list[Result]) -> str:
   ]
   largest = max(results, key=lambda r: r.num_params)
   met = lambda ok: "met" if ok else "NOT met"
-  lines.append(f"target: adam8bit step <= optax.adam's at {_size_label(largest.num_params)}: "
+  lines.append(f"target: adam8bit step <= optax.adam's at {size_label(largest.num_params)}: "
                f"{met(largest.adam8bit_step <= largest.adam_step)}")
   for r in results:
     fraction = r.copy / r.kernel
-    lines.append(f"target: kernel bandwidth >= {BANDWIDTH_TARGET:.0%} of copy at {_size_label(r.num_params)}: "
+    lines.append(f"target: kernel bandwidth >= {BANDWIDTH_TARGET:.0%} of copy at {size_label(r.num_params)}: "
                  f"{fraction:.0%}, {met(fraction >= BANDWIDTH_TARGET)}")
   lines.append(f"compiled step calls the CUDA kernel: {all(r.uses_kernel for r in results)}; "
                f"has a command buffer: {any(r.in_command_buffer for r in results)}")
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
   parser.add_argument("--steps", type=int, default=10, help="timed steps (and kernel and copy calls)")
   args = parser.parse_args(argv)
-  results = [measure(_parse_size(s), args.warmup, args.steps) for s in args.sizes.split(",")]
+  results = [measure(parse_size(s), args.warmup, args.steps) for s in args.sizes.split(",")]
   print(f"{jax.devices('cuda')[0].device_kind}, float32 parameters in {MATRICES} matrices of width {COLUMNS}, "
         f"median of {args.steps} steps after {args.warmup} untimed")
   print(tables(results))
