@@ -19,6 +19,13 @@ Run from the repository root::
 
   python -m benchmarks.step_time
   python -m benchmarks.step_time --sizes 16 --rounds 3
+
+XLA:CPU allocates a step's temporaries afresh on every call, and glibc's malloc returns such
+large blocks to the kernel when they are freed, so each step page-faults them in again: this
+weighs on the reference path (about 16 bytes of temporaries per parameter), not on the kernel
+or optax steps (none). To time it with freed memory kept in the process::
+
+  MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python -m benchmarks.step_time
 """
 
 from __future__ import annotations
