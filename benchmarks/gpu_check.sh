@@ -55,4 +55,4 @@ cat "$OUT/env.log"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.log"
 grep -hE "passed|failed|error" "$OUT/tests.log" "$OUT/cpu_tests.log" 2>/dev/null | tail -n 6
 grep -hE "^target|kernel:" "$OUT/benchmark.log"
-[[ -f "$OUT/bnb.log" ]] && tail -n 6 "$OUT/bnb.log"
+if [[ -f "$OUT/bnb.log" ]]; then tail -n 6 "$OUT/bnb.log"; fi
