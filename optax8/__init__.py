@@ -4,6 +4,7 @@ Optimizer state is stored blockwise-quantized (uint8 codes plus a float32 absmax
 about 2 bytes per parameter for Adam instead of 8, with bitsandbytes' dynamic maps.
 """
 
+from optax8._src import integrations as _integrations
 from optax8._src.alias import (
     adagrad8bit,
     adam8bit,
@@ -17,6 +18,7 @@ from optax8._src.alias import (
 )
 from optax8._src.clipping import PercentileClippingState, percentile_clipping
 from optax8._src.convert import convert_state
+from optax8._src.integrations import export_safety_checks, register_kernels
 from optax8._src.labels import default_labels
 from optax8._src.native import get_implementation, set_implementation
 from optax8._src.quantization import (
@@ -44,6 +46,9 @@ from optax8._src.transform import (
     trace8bit,
 )
 
+_integrations.register_serialization()  # flax.serialization's handlers, once Flax is imported
+_integrations.register_export()  # jax.export's serialization of the state types
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -65,12 +70,14 @@ __all__ = [
     "default_labels",
     "dequantize_blockwise",
     "dynamic_map",
+    "export_safety_checks",
     "get_implementation",
     "lamb8bit",
     "lars8bit",
     "lion8bit",
     "percentile_clipping",
     "quantize_blockwise",
+    "register_kernels",
     "rmsprop8bit",
     "scale_by_adam8bit",
     "scale_by_ademamix8bit",

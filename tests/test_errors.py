@@ -13,7 +13,7 @@ BAD_CONSTRUCTOR_ARGS = [
     (optax8.adam8bit, dict(eps_root=-1.0), ValueError, "eps_root must be >= 0"),
     (optax8.adam8bit, dict(b1="0.9"), TypeError, "b1 must be a float, got '0.9'"),
     (optax8.adam8bit, dict(block_size=0), ValueError, "block_size must be a positive int, got 0"),
-    (optax8.adam8bit, dict(block_size=64.0), TypeError, "block_size must be a Python int"),
+    (optax8.adam8bit, dict(block_size=64.0), TypeError, "block_size must be an int, got 64.0 of type float"),
     (optax8.adam8bit, dict(optim_bits=16), ValueError, "optim_bits must be 8 or 32, got 16"),
     (optax8.adam8bit, dict(min_8bit_size=-1), ValueError, "min_8bit_size must be a non-negative int"),
     (optax8.adamw8bit, dict(weight_decay=-0.1), ValueError, "weight_decay must be >= 0"),

@@ -302,7 +302,8 @@ def test_changing_hyperparameters_does_not_recompile():
     native.set_implementation("reference")
     u_ref, _ = jax.jit(tx.update)(g, state)
     np.testing.assert_allclose(u_kernel["w"], u_ref["w"], rtol=2e-6)
-  assert update._cache_size() == 1
+  # One trace per implementation (JAX shares it between jax.jit objects of one function).
+  assert update._cache_size() == 2
 
 
 def test_platform_picks_the_implementation():

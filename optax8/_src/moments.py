@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax8._src import integrations, native
 from optax8._src import labels as labels_lib
-from optax8._src import native
 from optax8._src import quantization as qz
 from optax8._src import sharding as sharding_lib
 from optax8._src.update_math import Family
@@ -72,14 +72,40 @@ def schedule_or(check: Validator) -> Validator:
   return validate
 
 
+class _Traced:
+  """An integer option that ``optax.inject_hyperparams`` passes traced, from its state, to ``update``."""
+
+  def __repr__(self) -> str:
+    return "<traced>"
+
+
+# The options' values then are the ones ``init`` was given, which the state's structure records
+# (each moment's bits and block size), so ``update`` reads them from the state.
+TRACED = _Traced()
+
+
 def _check_int(name: str, value: Any, ok: Callable[[int], bool], allowed: str) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    hint = (
-        " (under optax.inject_hyperparams, list it in static_args)" if _is_array(value) else ""
-    )
-    raise TypeError(f"{name} must be a Python int{hint}, got {value!r} of type {type(value).__name__}.")
+    raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}.")
   if not ok(int(value)):
     raise ValueError(f"{name} must be {allowed}, got {value}.")
+
+
+def _int_option(name: str, value: Any, default: int, check: Validator) -> int | _Traced:
+  """An integer quantization option as a Python int (``None``: ``default``), or :data:`TRACED`.
+
+  ``optax.inject_hyperparams`` hands integer options over as integer arrays: concrete ones
+  (its ``init``) become ints; traced ones (its ``update`` under ``jit``) are :data:`TRACED`.
+  """
+  if value is None:
+    return default
+  if _is_array(value) and jnp.ndim(value) == 0 and jnp.issubdtype(jnp.result_type(value), jnp.integer):
+    try:
+      value = int(value)
+    except jax.errors.ConcretizationTypeError:
+      return TRACED
+  check(name, value)
+  return int(value)
 
 
 def check_optim_bits(name: str, value: Any) -> None:
@@ -109,9 +135,15 @@ def _check_param_dtype(label: str, dtype: Any) -> None:
     )
 
 
-def _block_size_if_quantized(shape: tuple[int, ...], options: Mapping[str, Any]) -> int | None:
-  """The block size of a parameter's 8-bit moments, or ``None`` where they stay 32-bit."""
-  quantize = options["optim_bits"] == 8 and len(shape) >= 1 and math.prod(shape) >= options["min_8bit_size"]
+def _block_size_if_quantized(shape: tuple[int, ...], options: Mapping[str, Any]) -> int | None | _Traced:
+  """The block size of a parameter's 8-bit moments, ``None`` where they stay 32-bit.
+
+  Scalars and empty parameters stay 32-bit. :data:`TRACED` where an option that decides it is.
+  """
+  if any(options[name] is TRACED for name in QUANT_VALIDATORS):
+    return TRACED
+  size = math.prod(shape)
+  quantize = options["optim_bits"] == 8 and len(shape) >= 1 and size > 0 and size >= options["min_8bit_size"]
   return options["block_size"] if quantize else None
 
 
@@ -119,8 +151,13 @@ def _init_moment(
     param: Any, label: str, options: Mapping[str, Any], signed: bool, dtype: Any, initial: Any
 ) -> Any:
   """A moment of ``param``, placed like it (and typed like it under sharding-in-types)."""
-  shape = tuple(param.shape)
+  shape = tuple(jnp.shape(param))
   block_size = _block_size_if_quantized(shape, options)
+  if block_size is TRACED:
+    raise TypeError(
+        f"optax8: the quantization options of {label!r} are traced while the state is initialised "
+        f"({ {k: options[k] for k in QUANT_VALIDATORS} }); they decide the state's structure, so pass Python ints."
+    )
   sharding = sharding_lib.named_sharding_of(param)
   if block_size is None:
     return jax.lax.full(shape, initial, dtype or jnp.float32, sharding=sharding)
@@ -195,14 +232,11 @@ def moment_transform(
     param_labels: labels tree or callable; ``None`` for the tree paths.
   """
   static = dict(static or {})
-  optim_bits = DEFAULT_OPTIM_BITS if optim_bits is None else optim_bits
-  block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
-  min_8bit_size = DEFAULT_MIN_8BIT_SIZE if min_8bit_size is None else min_8bit_size
+  optim_bits = _int_option("optim_bits", optim_bits, DEFAULT_OPTIM_BITS, check_optim_bits)
+  block_size = _int_option("block_size", block_size, DEFAULT_BLOCK_SIZE, check_block_size)
+  min_8bit_size = _int_option("min_8bit_size", min_8bit_size, DEFAULT_MIN_8BIT_SIZE, check_min_8bit_size)
   for name, value in hyperparams.items():
     validators[name](name, value)
-  check_optim_bits("optim_bits", optim_bits)
-  check_block_size("block_size", block_size)
-  check_min_8bit_size("min_8bit_size", min_8bit_size)
   overrides = labels_lib.validate_overrides(overrides, {**QUANT_VALIDATORS, **validators})
   defaults = {
       **hyperparams, "optim_bits": optim_bits, "block_size": block_size, "min_8bit_size": min_8bit_size,
@@ -217,16 +251,18 @@ def moment_transform(
     return labels, labels_lib.leaf_options(labels, defaults, overrides)
 
   def init_fn(params):
-    leaves, treedef = jax.tree.flatten(params)
+    # Flax boxes (NNX Variables, linen Partitioned) are leaves: each moment is boxed like its parameter.
+    boxes, treedef = jax.tree.flatten(params, is_leaf=integrations.is_box)
+    leaves = [integrations.unbox(x) for x in boxes]
     labels, options = options_for(params)
     for label, leaf in zip(labels, leaves):
-      _check_param_dtype(label, leaf.dtype)
+      _check_param_dtype(label, jnp.result_type(leaf))
     initial = family.initial or (None,) * len(family.signed)
     trees = [
         treedef.unflatten(
             [
-                _init_moment(p, label, o, signed, dtype, o[init] if init else 0.0)
-                for p, label, o in zip(leaves, labels, options)
+                integrations.box_like(box, _init_moment(p, label, o, signed, dtype, o[init] if init else 0.0), label)
+                for box, p, label, o in zip(boxes, leaves, labels, options)
             ]
         )
         for signed, dtype, init in zip(family.signed, moment_dtypes, initial)
@@ -241,20 +277,32 @@ def moment_transform(
           f"{family.name}: expected a {state_cls.__name__} state, got {type(state).__name__}; "
           "was the state made by another optimizer?"
       )
-    g_leaves, treedef = jax.tree.flatten(updates)
+    # Boxed updates or state (Flax linen's TrainState) are unboxed here and reboxed on the way out.
+    g_boxes, treedef = jax.tree.flatten(updates, is_leaf=integrations.is_box)
+    g_leaves = [jnp.asarray(integrations.unbox(g)) for g in g_boxes]
     labels, options = options_for(updates)
-    moments = []
+    moments, moment_boxes = [], []
     for field in moment_fields:
-      leaves, moment_def = jax.tree.flatten(getattr(state, field), is_leaf=qz.is_quantized)
+      boxes, moment_def = jax.tree.flatten(
+          getattr(state, field), is_leaf=lambda x: qz.is_quantized(x) or integrations.is_box(x)
+      )
+      leaves = [integrations.unbox(x) for x in boxes]
       if moment_def != treedef:
         raise ValueError(
             f"{state_cls.__name__}.{field} does not match the updates' tree structure: the "
             f"state has {moment_def}, the updates {treedef}."
         )
       moments.append(leaves)
+      moment_boxes.append(boxes)
     for i, (label, g) in enumerate(zip(labels, g_leaves)):
       _check_param_dtype(label, g.dtype)
       for field, leaves in zip(moment_fields, moments):
+        if qz.is_quantized(leaves[i]) and (leaves[i].codes.dtype, leaves[i].absmax.dtype) != (jnp.uint8, jnp.float32):
+          raise TypeError(
+              f"{state_cls.__name__}.{field} for {label!r} has codes of dtype {leaves[i].codes.dtype} and absmax "
+              f"of dtype {leaves[i].absmax.dtype}; optax8 needs uint8 codes and float32 absmax (a function mapped "
+              "over the state, for example by optax.tree_map_params, must leave quantized moments as they are)."
+          )
         if tuple(leaves[i].shape) != tuple(g.shape):
           raise ValueError(
               f"{state_cls.__name__}.{field} for {label!r} has shape {tuple(leaves[i].shape)}, "
@@ -262,7 +310,7 @@ def moment_transform(
           )
         held = leaves[i].block_size if qz.is_quantized(leaves[i]) else None
         expected = _block_size_if_quantized(tuple(g.shape), options[i])
-        if held != expected:
+        if expected is not TRACED and held != expected:
           raise ValueError(
               f"{state_cls.__name__}.{field} for {label!r} holds {_describe(held)}, but this "
               f"optimizer expects {_describe(expected)}; was the state made with other options?"
@@ -271,12 +319,17 @@ def moment_transform(
     hyper_names = tuple(hyperparams)
     new_updates, new_moments = [], [[] for _ in moment_fields]
     leaf_update = functools.partial(native.leaf_update, reference_leaf_update, family, static)
+    scalars_of = {}  # leaves with the same hyperparameters share their scalars, traced once
     for i, g in enumerate(g_leaves):
-      scalars = family.scalars(count, **{k: options[i][k] for k in hyper_names})
+      hyper = {k: options[i][k] for k in hyper_names}
+      key = tuple(map(id, hyper.values()))  # the values live on in `options`
+      if key not in scalars_of:
+        scalars_of[key] = family.scalars(count, **hyper)
+      scalars = scalars_of[key]
       u, stored = sharding_lib.in_whole_blocks(leaf_update, g, [leaves[i] for leaves in moments], scalars)
-      new_updates.append(u)
-      for acc, s in zip(new_moments, stored):
-        acc.append(s)
+      new_updates.append(integrations.rebox(g_boxes[i], u))
+      for acc, boxes, s in zip(new_moments, moment_boxes, stored):
+        acc.append(integrations.rebox(boxes[i], s))
     trees = [treedef.unflatten(leaves) for leaves in new_moments]
     new_state = state_cls(*((count,) if has_count else ()), *trees)
     return treedef.unflatten(new_updates), new_state

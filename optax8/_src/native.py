@@ -19,7 +19,12 @@ last bit; and that XLA:CPU flushes subnormal floats to zero where XLA:GPU keeps 
 By default (``"auto"``) a parameter whose moments are all 8-bit uses the kernel of the
 platform the computation runs on, CPU or CUDA, and the reference on any other platform
 (``jax.lax.platform_dependent``). :func:`set_implementation` or the environment variable
-``OPTAX8_IMPLEMENTATION`` choose otherwise. Each shared library is loaded and registered with
+``OPTAX8_IMPLEMENTATION`` choose otherwise, when an update is traced; set_implementation's
+choice is part of JAX's cache keys, so a jitted function called under another choice is traced
+anew (what was already lowered, compiled or exported keeps its implementation), while the
+environment variable is meant to be set before the process starts. Under differentiation
+(``jax.jvp``, ``jax.grad``) the reference math defines the derivative of a kernel's update and
+the kernel still computes its values. Each shared library is loaded and registered with
 ``jax.ffi`` (under one target name for both platforms) the first time an update is traced,
 never at import, and the CUDA one only when JAX has a CUDA backend. ``OPTAX8_NATIVE_LIBRARY``
 and ``OPTAX8_CUDA_LIBRARY`` name other files to load instead of the CPU and the CUDA library
@@ -44,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
 from jaxlib import xla_client
 
 from optax8._src import quantization as qz
@@ -98,6 +105,9 @@ LIBRARIES = {
 
 _lock = threading.Lock()
 _implementation: str | None = None
+# set_implementation's choice in JAX's cache keys (tracing, lowering, compilation), so that a
+# function traced under another choice is traced anew, and found again under this one.
+_implementation_key = jax.make_user_context(None)
 # Per platform: why its kernel is unusable ("" when usable; absent until tried), and whether
 # that was said.
 _problems: dict[str, str] = {}
@@ -113,12 +123,22 @@ def set_implementation(name: str | None) -> None:
   * ``"native"``: like ``"auto"``, but raise instead of falling back when the kernel of a
     platform that JAX has a backend for (CPU, and CUDA where present) cannot be loaded.
 
-  The choice is made when an update is traced: functions already compiled by ``jax.jit``
-  keep the implementation they were traced with.
+  The choice is made when an update is traced, and this function's argument is part of JAX's
+  cache keys (tracing, lowering, compilation), like JAX's own configuration: a function
+  traced by ``jax.jit`` under another argument, through the same ``jax.jit`` object or a new
+  ``jax.jit`` of the same function, is traced anew at its next call, and one traced under
+  this argument before is taken from JAX's caches again. Nothing is evicted. Only what was
+  lowered, compiled or exported before (``jax.jit(f).lower(...)``, its ``.compile()``,
+  ``jax.export``) keeps the implementation it was traced with. The environment variable is
+  read when an update is traced and is not part of the keys: set it before the process traces
+  any update, and switch within a process with this function.
 
   Args:
     name: one of the above, or ``None`` to follow the ``OPTAX8_IMPLEMENTATION``
       environment variable again (``"auto"`` when unset).
+
+  Raises:
+    ValueError: ``name`` is not one of the above.
 
   Example:
     >>> import optax8
@@ -131,6 +151,7 @@ def set_implementation(name: str | None) -> None:
   if name is not None and name not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {name!r}.")
   _implementation = name
+  _implementation_key.set_global(name)
 
 
 def get_implementation() -> str:
@@ -278,6 +299,66 @@ def _kernel_update(family: Any, static: Mapping[str, Any], g: jax.Array, moments
   ]
 
 
+def _call(*operands: jax.Array, fn: Callable[..., list[jax.Array]], num_results: int) -> list[jax.Array]:
+  del num_results
+  return fn(*operands)
+
+
+def _batched_reference(operands, dims, *, fn, num_results):
+  """Under ``vmap``: the reference vmapped, every operand batched along its first axis."""
+  size = next(x.shape[d] for x, d in zip(operands, dims) if d is not None)
+  operands = [batching.bdim_at_front(x, d, size) for x, d in zip(operands, dims)]
+  return _reference_p.bind(*operands, fn=jax.vmap(fn), num_results=num_results), [0] * num_results
+
+
+# The reference as one primitive whose lowering traces it: `platform_dependent` lowers only the
+# branches of the platforms a computation is lowered for, so where a kernel applies the reference
+# (most of an update's tracing and lowering time) is never traced, and elsewhere it still runs.
+_reference_p = Primitive("optax8_reference_update")
+_reference_p.multiple_results = True
+_reference_p.def_impl(_call)
+_reference_p.def_abstract_eval(lambda *avals, fn, num_results: avals[:num_results])  # typed like g and the moments
+mlir.register_lowering(_reference_p, mlir.lower_fun(_call, multiple_results=True))
+batching.primitive_batchers[_reference_p] = _batched_reference
+
+
+def _staged_reference(reference: Callable[..., tuple[jax.Array, list[Any]]], g: jax.Array,
+                      moments: list[qz.QuantizedArray], scalars: dict[str, jax.Array]):
+  """``reference(g, moments, scalars)`` as one ``_reference_p``, traced only when lowered."""
+  operands, tree = jax.tree.flatten((g, moments, scalars))
+  flat = lambda *operands: jax.tree.leaves(reference(*jax.tree.unflatten(tree, operands)))
+  update, *new = _reference_p.bind(*operands, fn=flat, num_results=1 + len(jax.tree.leaves(moments)))
+  return update, jax.tree.unflatten(jax.tree.structure(moments), new)
+
+
+@functools.cache
+def _dispatcher(reference: Callable[..., Any], family: Any, static: tuple[tuple[str, Any], ...],
+                platforms: tuple[str, ...]) -> Callable[..., tuple[jax.Array, list[Any]]]:
+  """``leaf_update`` where a kernel applies, made once per family, static options and platforms.
+
+  Jitted, so that the parameters of one shape and dtype share one trace and one lowering.
+  """
+  static = dict(static)
+  kernel = functools.partial(_kernel_update, family, static)
+  reference = functools.partial(reference, family, static)
+  default = functools.partial(_staged_reference, reference)
+
+  # The kernel call (custom_partitioning, ffi_call) cannot be differentiated. Its rule: values
+  # from the dispatch itself, so that differentiating never changes them (and a second
+  # derivative goes through this rule again), tangents from the reference's own JVP, which
+  # jax.grad transposes. The rule is traced only under differentiation.
+  @jax.custom_jvp
+  def dispatch(g, moments, scalars):
+    return jax.lax.platform_dependent(g, moments, scalars, **dict.fromkeys(platforms, kernel), default=default)
+
+  @dispatch.defjvp
+  def _dispatch_jvp(primals, tangents):
+    _, tangents_out = jax.jvp(reference, primals, tangents)
+    return dispatch(*primals), tangents_out
+
+  return jax.jit(dispatch)
+
+
 def leaf_update(
     reference: Callable[..., tuple[jax.Array, list[Any]]],
     family: Any,
@@ -293,6 +374,10 @@ def leaf_update(
   and the platform's library is usable: the CPU kernel on CPU, the CUDA kernel on CUDA GPUs
   (chosen when the computation is lowered, by ``jax.lax.platform_dependent``).
 
+  Under ``jax.jvp``, ``jax.grad`` and the like, the reference math defines the derivative
+  (the kernels have none), with respect to ``g``, the moments' float leaves and ``scalars``;
+  the values stay the kernel's, the same as without differentiation.
+
   Args:
     reference: ``reference(family, static, g, moments, scalars) -> (update, moments)``.
     family: the optimizer family (``update_math.Family``).
@@ -307,9 +392,5 @@ def leaf_update(
   platforms = _kernel_platforms() if _kernel_applies(family, static, g, moments, scalars) else []
   if not platforms:
     return reference(family, static, g, moments, scalars)
-  kernel = functools.partial(_kernel_update, family, static)
-  return jax.lax.platform_dependent(
-      g, list(moments), dict(scalars),
-      **dict.fromkeys(platforms, kernel),
-      default=functools.partial(reference, family, static),
-  )
+  dispatch = _dispatcher(reference, family, tuple(static.items()), tuple(platforms))
+  return dispatch(g, list(moments), dict(scalars))

@@ -91,18 +91,16 @@ def absmax_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
   return tuple(shape[:-1]) + (num_blocks(shape[-1], block_size),)
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["codes", "absmax"],
-    meta_fields=["block_size", "signed"],
-)
 @dataclasses.dataclass(frozen=True)
 class QuantizedArray:
   """An 8-bit blockwise-quantized float32 tensor.
 
   A registered pytree: ``codes`` and ``absmax`` are its leaves; ``block_size`` and ``signed``
   (which dynamic map) are static and live in the tree structure, so two states with other
-  block sizes or maps never unify, and ``jax.eval_shape`` describes one exactly.
+  block sizes or maps never unify, and ``jax.eval_shape`` describes one exactly. The leaves'
+  key paths carry the static facts too (``codes_signed``, ``absmax_block256``): checkpoints
+  name arrays by path (Orbax, ``nnx.State``), so restoring one into a target with another
+  block size or map fails on the names instead of decoding codes wrongly.
 
   Attributes:
     codes: ``uint8[shape]``, one code per element.
@@ -149,6 +147,20 @@ class QuantizedArray:
         block_size=block_size,
         signed=signed,
     )
+
+
+def _keyed_children(q: QuantizedArray) -> tuple[tuple[tuple[jax.tree_util.GetAttrKey, jax.Array], ...], tuple]:
+  codes_key = jax.tree_util.GetAttrKey("codes_signed" if q.signed else "codes_unsigned")
+  absmax_key = jax.tree_util.GetAttrKey(f"absmax_block{q.block_size}")
+  return ((codes_key, q.codes), (absmax_key, q.absmax)), (q.block_size, q.signed)
+
+
+jax.tree_util.register_pytree_with_keys(
+    QuantizedArray,
+    _keyed_children,
+    lambda static, children: QuantizedArray(*children, *static),
+    lambda q: ((q.codes, q.absmax), (q.block_size, q.signed)),
+)
 
 
 def _check_block_size(block_size: int) -> None:
@@ -258,7 +270,8 @@ def encode(x: jax.Array, signed: bool) -> jax.Array:
   entry = _lookup(encode_table(signed), row_sub | ((bits >> 31) & (_ROWS << sub_bits)))
   # Position within the bucket in value order: negative floats order by decreasing magnitude.
   position = (bits ^ (bits >> 31)) & ((1 << key_bits) - 1)
-  codes = jax.lax.shift_right_logical(entry, 24) + (position > (entry & 0xFFFFFF)).astype(jnp.int32)
+  # lax needs both operands int32, and a Python int shift would be int64 under jax_enable_x64.
+  codes = jax.lax.shift_right_logical(entry, np.int32(24)) + (position > (entry & 0xFFFFFF)).astype(jnp.int32)
   return codes.astype(jnp.uint8)
 
 
@@ -270,7 +283,8 @@ def quantize_blockwise(x: jax.Array, block_size: int = 256, *, signed: bool = Tr
   code of exact 0, so it decodes to zeros without NaN.
 
   Args:
-    x: a floating array of rank >= 1 (float32, bfloat16 or float16; computed in float32).
+    x: a floating array of rank >= 1 (float32, bfloat16, float16, or float64 under
+      ``jax_enable_x64``; computed in float32).
     block_size: elements per block along the last axis (a static positive int).
     signed: use the signed dynamic map (for values of either sign) or the unsigned one
       (for values >= 0).

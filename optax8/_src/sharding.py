@@ -24,7 +24,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from optax8._src import labels as labels_lib
 from optax8._src import quantization as qz
 
-__all__ = ["absmax_spec", "in_whole_blocks", "named_sharding_of", "partitioned_by_blocks", "state_sharding"]
+__all__ = [
+    "absmax_spec", "in_whole_blocks", "last_axis_names", "named_sharding_of", "partitioned_by_blocks", "state_sharding",
+]
 
 Spec = NamedSharding | PartitionSpec
 
@@ -41,7 +43,7 @@ def named_sharding_of(x: Any) -> NamedSharding | None:
   return sharding if isinstance(sharding, NamedSharding) and not sharding.mesh.empty else None
 
 
-def _last_axis_names(spec: PartitionSpec, shape: tuple[int, ...]) -> tuple[str, ...]:
+def last_axis_names(spec: PartitionSpec, shape: tuple[int, ...]) -> tuple[str, ...]:
   """The mesh axes ``spec`` shards the last axis of an array of ``shape`` over."""
   entry = spec[len(shape) - 1] if shape and len(spec) >= len(shape) else None
   return (entry,) if isinstance(entry, str) else tuple(entry or ())
@@ -49,7 +51,7 @@ def _last_axis_names(spec: PartitionSpec, shape: tuple[int, ...]) -> tuple[str, 
 
 def _last_axis_pieces(spec: PartitionSpec, shape: tuple[int, ...], mesh: Any) -> int:
   """How many pieces ``spec`` cuts the last axis of an array of ``shape`` into."""
-  return math.prod(mesh.shape[name] for name in _last_axis_names(spec, shape))
+  return math.prod(mesh.shape[name] for name in last_axis_names(spec, shape))
 
 
 def _whole_blocks(spec: PartitionSpec, shape: tuple[int, ...], block_size: int, mesh: Any) -> bool:
@@ -294,7 +296,7 @@ def state_sharding(abstract_state: Any, params_sharding: Any, *, mesh: Any = Non
     if isinstance(sharding, NamedSharding):
       return sharding.update(spec=absmax_spec(label, sharding.spec, q.shape, q.block_size, sharding.mesh))
     axes = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-    if axes.empty and _last_axis_names(sharding, q.shape):
+    if axes.empty and last_axis_names(sharding, q.shape):
       raise ValueError(
           f"state_sharding: {label!r} is sharded on its last axis by {sharding}; pass mesh= (or call it "
           "under jax.set_mesh) so that optax8 can tell whether its blocks split evenly."
