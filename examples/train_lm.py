@@ -147,19 +147,6 @@ def lm_loss(model: TransformerLM, batch: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
-def with_plain_params_init(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-  """``tx`` with ``init`` given the parameters as plain arrays rather than NNX Variables.
-
-  ``nnx.Optimizer`` calls ``tx.init`` on ``nnx.state(model, wrt)``, whose leaves sit inside
-  Variables, so an optax8 quantized moment (a pytree of codes and absmax) would become one
-  Variable's value, and ``nnx.Optimizer.update`` does not write such a value back in the same
-  structure. Initialised from plain arrays, each code and absmax array is a state leaf of its
-  own and the state keeps its structure from step to step.
-  """
-  tx = optax.with_extra_args_support(tx)
-  return optax.GradientTransformationExtraArgs(lambda params: tx.init(nnx.as_pure(params)), tx.update)
-
-
 def memory_stats(compiled: jax.stages.Compiled) -> dict[str, int]:
   """The compiled computation's memory analysis as ``{kind: bytes}`` (empty if unavailable)."""
   analysis = compiled.memory_analysis()
@@ -203,7 +190,7 @@ def train(
   Returns:
     The :class:`RunResult`.
   """
-  tx = with_plain_params_init(common.make_optimizer(optimizer_name, train_cfg.steps, train_cfg.learning_rate))
+  tx = common.make_optimizer(optimizer_name, train_cfg.steps, train_cfg.learning_rate)
 
   def create():
     model = TransformerLM(model_cfg, rngs=nnx.Rngs(train_cfg.seed))

@@ -36,6 +36,14 @@ def test_flax_nnx_labels_leave_out_the_variable_value_attribute():
   assert sorted(jax.tree.leaves(labels)) == ["bias", "kernel"]
 
 
+def test_flax_linen_boxed_params_are_labelled_by_their_path():
+  nn = pytest.importorskip("flax.linen")
+  dense = nn.Dense(3, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model")))
+  params = dense.init(jax.random.key(0), jnp.ones((1, 4)))
+  labels = optax8.default_labels(params)
+  assert labels["params"]["kernel"] == "params/kernel" and labels["params"]["bias"] == "params/bias"
+
+
 def test_overrides_set_bits_and_block_size_per_label():
   tx = optax8.adam8bit(1e-3, min_8bit_size=0, overrides={
       "*embed*": {"optim_bits": 32},  # case-sensitive: does not match Embed_0

@@ -1,11 +1,10 @@
 """Parameter labels and per-label quantization options.
 
 Every parameter has a string label. By default it is the parameter's path in the params tree,
-its dict keys, attribute names and sequence indices joined with ``/`` (for Flax linen:
-``params/Dense_0/kernel``; the ``.value`` attribute of a Flax NNX variable is left out, so
-NNX gives ``layers/0/kernel``). Users may pass their own labels, as :func:`optax.partition`
-accepts them: a pytree of strings with the params' structure, or a callable from the params
-to such a tree.
+its dict keys, attribute names and sequence indices joined with ``/``, down to each array or
+Flax metadata box (for Flax linen: ``params/Dense_0/kernel``; for NNX: ``layers/0/kernel``).
+Users may pass their own labels, as :func:`optax.partition` accepts them: a pytree of strings
+with the params' structure, or a callable from the params to such a tree.
 
 ``overrides`` maps glob patterns (:func:`fnmatch.fnmatchcase`: ``*`` matches any characters,
 ``/`` included) to dicts of options. Every pattern that matches a label applies, in the
@@ -52,9 +51,13 @@ def _key_name(key: Any) -> str:
 
 
 def _path_label(path: tuple[Any, ...]) -> str:
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-    path = path[:-1]
   return "/".join(_key_name(k) for k in path)
+
+
+def _is_box(x: Any) -> bool:
+  from optax8._src import integrations  # it imports sharding, which imports this module
+
+  return integrations.is_box(x)
 
 
 def default_labels(params: Any) -> Any:
@@ -65,7 +68,7 @@ def default_labels(params: Any) -> Any:
     >>> optax8.default_labels({"embed": {"table": 0.0}, "layers": [{"w": 0.0}]})
     {'embed': {'table': 'embed/table'}, 'layers': [{'w': 'layers/0/w'}]}
   """
-  return jax.tree_util.tree_map_with_path(lambda path, _: _path_label(path), params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: _path_label(path), params, is_leaf=_is_box)
 
 
 def resolve_labels(params: Any, param_labels: LabelSpec) -> list[str]:
@@ -76,8 +79,8 @@ def resolve_labels(params: Any, param_labels: LabelSpec) -> list[str]:
     tree = param_labels(params)
   else:
     tree = param_labels
-  params_def = jax.tree.structure(params)
-  labels, labels_def = jax.tree.flatten(tree)
+  params_def = jax.tree.structure(params, is_leaf=_is_box)
+  labels, labels_def = jax.tree.flatten(tree, is_leaf=_is_box)
   if labels_def != params_def:
     raise ValueError(
         "param_labels must have the same tree structure as the params; got labels "

@@ -351,12 +351,29 @@ def _dispatcher(reference: Callable[..., Any], family: Any, static: tuple[tuple[
   def dispatch(g, moments, scalars):
     return jax.lax.platform_dependent(g, moments, scalars, **dict.fromkeys(platforms, kernel), default=default)
 
-  @dispatch.defjvp
-  def _dispatch_jvp(primals, tangents):
-    _, tangents_out = jax.jvp(reference, primals, tangents)
-    return dispatch(*primals), tangents_out
+  def dispatch_jvp(primals, tangents):
+    return dispatch(*primals), _perturbed_jvp(reference, primals, tangents)
 
+  dispatch.defjvp(dispatch_jvp, symbolic_zeros=True)
   return jax.jit(dispatch)
+
+
+def _perturbed_jvp(fn: Callable[..., Any], primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> Any:
+  """The output tangents of ``jax.jvp(fn, primals, tangents)``, tangents holding symbolic zeros.
+
+  The operands whose tangent is a symbolic zero enter as constants, as where ``fn`` is
+  differentiated itself: zero tangents run through no math (where 0 * inf, as at sqrt(0),
+  would make them NaN) and the derivative is the same program as ``fn``'s own.
+  """
+  operands, tree = jax.tree.flatten(primals)
+  perturbed = [not isinstance(t, jax.custom_derivatives.SymbolicZero) for t in jax.tree.leaves(tangents)]
+
+  def of_perturbed(*values):
+    values = iter(values)
+    return fn(*tree.unflatten([next(values) if p else x for x, p in zip(operands, perturbed)]))
+
+  return jax.jvp(of_perturbed, [x for x, p in zip(operands, perturbed) if p],
+                 [t for t, p in zip(jax.tree.leaves(tangents), perturbed) if p])[1]
 
 
 def leaf_update(
