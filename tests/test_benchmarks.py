@@ -1,8 +1,9 @@
 """The benchmarks run and print what they promise (at tiny sizes; the figures are not checked)."""
 
 import jax
+import pytest
 
-from benchmarks import gpu_step, memory, step_time
+from benchmarks import compile_time, gpu_step, memory, step_time
 
 
 def test_step_time_prints_every_variant_with_ratios(capsys):
@@ -18,6 +19,17 @@ def test_memory_reports_the_8bit_step_without_temporaries(capsys):
           if line.startswith("1M")}
   kernel = rows["adam8bit kernel"]
   assert kernel[4] == "0.0" and kernel[5] == "no" and float(kernel[6]) < 1 and kernel[-1] == "2.031"
+
+
+def test_compile_time_prints_every_stage_with_ratios(capsys):
+  compile_time.main(["--tensors", "2", "3", "--shape", "16", "512", "--rounds", "1", "--distinct", "--donate"])
+  rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]
+  assert [row[:3] for row in rows] == [[n, "<=16x512", name] for n in ("2", "3") for name in
+                                       ("optax.adamw", "optax8.adamw8bit", "optax8.adamw8bit/optax.adamw")]
+  assert all(float(cell.rstrip("x")) > 0 for row in rows for cell in row[3:]) and rows[2][-1].endswith("x")
+  assert compile_time.shapes(3, (16, 512), 2**26, distinct=True) == [(16, 512), (16, 511), (15, 512)]
+  with pytest.raises(SystemExit):  # tensors of 4 x 512 would keep 32-bit state
+    compile_time.main(["--tensors", "4", "--shape", "16", "512", "--max-params", "8192"])
 
 
 def test_gpu_benchmark_code_runs_on_the_cpu_kernel():

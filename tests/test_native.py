@@ -321,6 +321,27 @@ def test_platform_picks_the_implementation():
   assert TARGET not in exported(["tpu"]).mlir_module()
 
 
+def test_the_reference_is_traced_only_for_platforms_without_a_kernel(monkeypatch):
+  reference, traced = moments_lib.reference_leaf_update, []
+  monkeypatch.setattr(moments_lib, "reference_leaf_update", lambda *args: traced.append(1) or reference(*args))
+  tx = optax8.adam8bit(1e-3)
+  params = {"w": jnp.ones((3, 8, 512))}
+  state = jax.vmap(tx.init)(params)
+  update = jax.jit(jax.vmap(tx.update))
+  update.lower(params, state)
+  assert not traced
+  assert TARGET not in jax.export.export(update, platforms=["tpu"])(params, state).mlir_module() and traced
+  # There the default branch computes the reference's results (here on the CPU), under vmap too.
+  family, static, hyper = FAMILIES["adam"]
+  g = jnp.linspace(-1.0, 1.0, 3 * 8 * 512).reshape(3, 8, 512)
+  moments = [jax.vmap(lambda x, s=signed: qz.quantize_blockwise(x, 256, signed=s))(g * 0.1) for signed in family.signed]
+  scalars = family.scalars(jnp.int32(2), **hyper)
+  branch = functools.partial(native._staged_reference, functools.partial(reference, family, static))
+  want = jax.jit(jax.vmap(functools.partial(reference, family, static), (0, 0, None)))(g, moments, scalars)
+  got = jax.jit(jax.vmap(branch, (0, 0, None)))(g, moments, scalars)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))
+
+
 @pytest.mark.parametrize("how", ["function", "environment"])
 def test_reference_can_be_forced(how, monkeypatch):
   if how == "function":
@@ -333,6 +354,28 @@ def test_reference_can_be_forced(how, monkeypatch):
   assert TARGET not in jax.jit(tx.update).lower(params, tx.init(params)).as_text()
   with pytest.raises(ValueError, match="implementation"):
     optax8.set_implementation("fast")
+
+
+def test_switching_the_implementation_retraces_functions_traced_before():
+  tx = optax8.adam8bit(1e-3)
+  params = {"w": jnp.ones((8, 512))}
+  state = tx.init(params)
+
+  def step(g, state):
+    return tx.update(g, state)
+
+  uses_kernel = lambda: TARGET in jax.jit(step).lower(params, state).as_text()  # a new jax.jit each time
+  jitted = jax.jit(step)
+  jitted(params, state)
+  assert uses_kernel()
+  optax8.set_implementation("reference")
+  assert not uses_kernel()
+  jitted(params, state)
+  assert jitted._cache_size() == 2  # the same jax.jit object traced anew
+  optax8.set_implementation(None)
+  assert uses_kernel()
+  jitted(params, state)
+  assert jitted._cache_size() == 2  # the kernel's trace found again
 
 
 @pytest.fixture

@@ -19,17 +19,17 @@ last bit; and that XLA:CPU flushes subnormal floats to zero where XLA:GPU keeps 
 By default (``"auto"``) a parameter whose moments are all 8-bit uses the kernel of the
 platform the computation runs on, CPU or CUDA, and the reference on any other platform
 (``jax.lax.platform_dependent``). :func:`set_implementation` or the environment variable
-``OPTAX8_IMPLEMENTATION`` choose otherwise, when an update is traced; set_implementation's
-choice is part of JAX's cache keys, so a jitted function called under another choice is traced
-anew (what was already lowered, compiled or exported keeps its implementation), while the
-environment variable is meant to be set before the process starts. Under differentiation
-(``jax.jvp``, ``jax.grad``) the reference math defines the derivative of a kernel's update and
-the kernel still computes its values. Each shared library is loaded and registered with
-``jax.ffi`` (under one target name for both platforms) the first time an update is traced,
-never at import, and the CUDA one only when JAX has a CUDA backend. ``OPTAX8_NATIVE_LIBRARY``
-and ``OPTAX8_CUDA_LIBRARY`` name other files to load instead of the CPU and the CUDA library
-installed with the package. If a library is missing, or was built for an incompatible jaxlib,
-optax8 warns once and uses the reference on that platform.
+``OPTAX8_IMPLEMENTATION`` choose otherwise, when an update is traced; the choice of
+:func:`set_implementation` is part of JAX's cache keys, so a jitted function called under
+another choice is traced anew (what was already lowered, compiled or exported keeps its
+implementation), while the environment variable is meant to be set before the process starts.
+Under differentiation (``jax.jvp``, ``jax.grad``) the reference math defines the derivative of
+a kernel's update and the kernel still computes its values. Each shared library is loaded and
+registered with ``jax.ffi`` (under one target name for both platforms) the first time an update
+is traced, never at import, and the CUDA one only when JAX has a CUDA backend.
+``OPTAX8_NATIVE_LIBRARY`` and ``OPTAX8_CUDA_LIBRARY`` name other files to load instead of the
+CPU and the CUDA library installed with the package. If a library is missing, or was built
+for an incompatible jaxlib, optax8 warns once and uses the reference on that platform.
 """
 
 from __future__ import annotations
@@ -125,13 +125,14 @@ def set_implementation(name: str | None) -> None:
 
   The choice is made when an update is traced, and this function's argument is part of JAX's
   cache keys (tracing, lowering, compilation), like JAX's own configuration: a function
-  traced by ``jax.jit`` under another argument, through the same ``jax.jit`` object or a new
-  ``jax.jit`` of the same function, is traced anew at its next call, and one traced under
-  this argument before is taken from JAX's caches again. Nothing is evicted. Only what was
-  lowered, compiled or exported before (``jax.jit(f).lower(...)``, its ``.compile()``,
-  ``jax.export``) keeps the implementation it was traced with. The environment variable is
-  read when an update is traced and is not part of the keys: set it before the process traces
-  any update, and switch within a process with this function.
+  traced by ``jax.jit`` under another argument (``None`` and the name it stands for count as
+  two), through the same ``jax.jit`` object or a new ``jax.jit`` of the same function, is
+  traced anew at its next call, and one traced under this argument before is taken from JAX's
+  caches again. Nothing is evicted. Only what was lowered, compiled or exported before
+  (``jax.jit(f).lower(...)``, its ``.compile()``, ``jax.export``) keeps the implementation it
+  was traced with. The environment variable is read when an update is traced and is not part
+  of the keys: set it before the process traces any update, and switch within a process with
+  this function.
 
   Args:
     name: one of the above, or ``None`` to follow the ``OPTAX8_IMPLEMENTATION``
@@ -300,6 +301,7 @@ def _kernel_update(family: Any, static: Mapping[str, Any], g: jax.Array, moments
 
 
 def _call(*operands: jax.Array, fn: Callable[..., list[jax.Array]], num_results: int) -> list[jax.Array]:
+  """``_reference_p``'s implementation, and its lowering once traced."""
   del num_results
   return fn(*operands)
 
