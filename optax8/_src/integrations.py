@@ -75,9 +75,9 @@ def _nnx_variable_type() -> type | None:
   return getattr(module, "Variable", None)
 
 
-def _linen_metadata_type() -> type | None:
+def _linen_metadata_type(name: str = "AxisMetadata") -> type | None:
   module = sys.modules.get("flax.core.meta")
-  return getattr(module, "AxisMetadata", None)
+  return getattr(module, name, None)
 
 
 def _is_instance(x: Any, cls: type | None) -> bool:
@@ -190,7 +190,7 @@ def box_like(param: Any, moment: Any, label: str) -> Any:
   names = _names(param)
   if names is None:
     absmax = rebox(param, moment.absmax)
-  elif type(param).__name__ == "Partitioned" and type(param).__module__ == "flax.core.meta":
+  elif type(param) is _linen_metadata_type("Partitioned"):  # not its subclasses, e.g. logical names
     absmax = _absmax_partitioned()(moment.absmax, param.names, param.mesh, param_shape=moment.shape,
                                     block_size=moment.block_size, label=label)
   else:
