@@ -2,7 +2,7 @@
 
 Usage: ``integrations_worker.py SECTION OUT.json`` with eight CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``); SECTION is ``linen-1x2``,
-``linen-4x2`` or ``nnx``. Writes what it measured as JSON.
+``linen-4x2``, ``linen-logical`` or ``nnx``. Writes what it measured as JSON.
 """
 
 import json
@@ -110,6 +110,32 @@ def linen(mesh_shape):
   )
 
 
+def linen_logical():
+  """Logical axis names (``nn.with_logical_partitioning``) mapped to a 2x4 mesh by rules."""
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+  rules = (("batch", "data"), ("hidden", "model"), ("embed", None))
+  init = nn.initializers.lecun_normal()
+  # 512 columns on "model" (4 devices): two blocks of 256, not whole blocks per device.
+  model = nn.Dense(512, kernel_init=nn.with_logical_partitioning(init, ("embed", "hidden")))
+  x = jax.random.normal(jax.random.key(1), (8, 64))
+
+  def init_fn(key, x):
+    return train_state.TrainState.create(apply_fn=model.apply, params=model.init(key, x)["params"],
+                                         tx=optax8.adamw8bit(1e-2))
+
+  def train_step(state, x):
+    grads = jax.grad(lambda p: jnp.mean((state.apply_fn({"params": p}, x) - 1.0) ** 2))(state.params)
+    return state.apply_gradients(grads=grads)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(init_fn, jax.random.key(0), x)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(0), x)
+    state = jax.jit(train_step, out_shardings=shardings)(state, x)
+  kernel = state.opt_state[0].mu["kernel"]
+  return dict(codes=spec_names(kernel.codes.value.sharding.spec), absmax=spec_names(kernel.absmax.value.sharding.spec))
+
+
 class NnxMLP(nnx.Module):
   def __init__(self, rngs):
     init = nnx.initializers.lecun_normal()
@@ -162,7 +188,9 @@ def nnx_section():
 
 def main(section, out):
   warnings.simplefilter("ignore")
-  if section.startswith("linen-"):
+  if section == "linen-logical":
+    facts = linen_logical()
+  elif section.startswith("linen-"):
     facts = linen(tuple(int(n) for n in section.removeprefix("linen-").split("x")))
   elif section == "nnx":
     facts = nnx_section()

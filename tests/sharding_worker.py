@@ -44,8 +44,9 @@ PARAMS = {
 }
 # Ensemble members under vmap: a leading, unsharded member axis.
 ENSEMBLE = {"fsdp": ((4, 64, 512), P(None, "fsdp", None)), "two_d": ((4, 128, 512), P(None, "fsdp", "tp"))}
-# Last axes sharded in pieces that are not whole blocks of 256 elements: 384 / 2 and 300 / 2.
-PARTIAL = {"w": ((64, 384), P("fsdp", "tp")), "v": ((32, 300), P(None, "tp"))}
+# Last axes sharded in pieces that are not whole blocks of 256 elements: 384 / 2, 300 / 2, and
+# 512 / 4 (two whole blocks over four devices).
+PARTIAL = {"w": ((64, 384), P("fsdp", "tp")), "v": ((32, 300), P(None, "tp")), "u": ((32, 512), P(None, "fsdp"))}
 COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
 
 

@@ -233,6 +233,11 @@ def test_linen_partitioning_recipe_trains_sharded(tmp_path, mesh_shape):
   assert facts["loss_decreased"]
 
 
+def test_linen_logical_axis_names_leave_the_absmax_unsharded_where_blocks_are_not_whole(tmp_path):
+  facts = run_worker(tmp_path, "linen-logical")
+  assert facts == {"codes": [None, "model"], "absmax": [None, None]}
+
+
 def test_nnx_sharded_training_on_two_devices(tmp_path):
   facts = run_worker(tmp_path, "nnx")
   assert facts["absmax_spec"] == [None, None] and facts["codes_spec"] == [None, "model"]

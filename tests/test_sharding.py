@@ -109,10 +109,11 @@ def test_last_axis_split_into_partial_blocks_warns_once_naming_the_parameter_and
   runs = measured("partial_blocks", "native")
   first, *others = [run["warnings"] for run in runs.values()]
   assert not any(others)
-  assert len(first) == 2
+  assert len(first) == 3
   (v,) = [w for w in first if "'v' of shape (32, 300)" in w]
   (w,) = [w for w in first if "'w' of shape (64, 384)" in w]
-  assert "block size 150 would fit" in v and "block size 192 would fit" in w
+  (u,) = [w for w in first if "'u' of shape (32, 512)" in w]
+  assert "block size 150 would fit" in v and "block size 192 would fit" in w and "block size 128 would fit" in u
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

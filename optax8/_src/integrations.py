@@ -48,6 +48,7 @@ compatibility guarantees.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib.abc
 import importlib.util
@@ -77,6 +78,11 @@ def _nnx_variable_type() -> type | None:
 
 def _linen_metadata_type(name: str = "AxisMetadata") -> type | None:
   module = sys.modules.get("flax.core.meta")
+  return getattr(module, name, None)
+
+
+def _linen_partitioned_type(name: str) -> type | None:
+  module = sys.modules.get("flax.linen.spmd")
   return getattr(module, name, None)
 
 
@@ -134,34 +140,52 @@ def _mesh_of(box: Any, value: Any) -> Any:
   return None if mesh is None or mesh.empty else mesh
 
 
-def _absmax_names(label: str, names: tuple[Any, ...], shape: tuple[int, ...], block_size: int, mesh: Any) -> tuple:
+def _rules(box: Any) -> Any:
+  """The logical axis rules a box carries (NNX ``sharding_rules``, linen ``rules``), or ``None``."""
+  if _is_instance(box, _nnx_variable_type()):
+    return box.get_metadata().get("sharding_rules")
+  return getattr(box, "rules", None)
+
+
+def _mesh_axes(spec: PartitionSpec, rules: Any) -> PartitionSpec:
+  """``spec`` with logical axis names replaced by mesh axes, by ``rules`` and Flax's context rules."""
+  spmd = sys.modules.get("flax.core.spmd")
+  return PartitionSpec(*spmd.apply_rules(spec, rules)) if spmd is not None else spec
+
+
+def _absmax_names(label: str, names: tuple[Any, ...], shape: tuple[int, ...], block_size: int, mesh: Any,
+                  rules: Any = None) -> tuple:
   """``names`` for a parameter's absmax: the last axis kept only where its shards are whole blocks.
 
-  Without a mesh that names every axis in ``names`` (logical names, or no mesh yet) the shard
-  count is unknown; the axis is kept when the blocks tile it (``shape[-1] % block_size == 0``),
-  which is whole blocks whenever the mesh splits the blocks evenly, and dropped otherwise.
+  Logical names count by the mesh axes ``rules`` (and Flax's context rules) map them to.
+  Without a mesh that has those axes the shard count is unknown; the axis is kept when the
+  blocks tile it (``shape[-1] % block_size == 0``), which is whole blocks whenever the mesh
+  splits the blocks evenly, and dropped otherwise.
   """
   names = (names + (None,) * len(shape))[: len(shape)]
-  spec = PartitionSpec(*names)
+  spec = _mesh_axes(PartitionSpec(*names), rules)
   axes = sharding_lib.last_axis_names(spec, shape)
+  if not axes:
+    return names
   if mesh is not None and all(name in mesh.axis_names for name in axes):
-    return tuple(sharding_lib.absmax_spec(label, spec, shape, block_size, mesh))
-  keep = not axes or shape[-1] % block_size == 0
+    keep = sharding_lib.absmax_spec(label, spec, shape, block_size, mesh)[-1] is not None
+  else:
+    keep = shape[-1] % block_size == 0
   return names if keep else names[:-1] + (None,)
 
 
 @functools.cache
-def _absmax_partitioned() -> type:
-  """``nn.Partitioned`` for an absmax, deciding its last axis when Flax asks for its sharding."""
+def _absmax_partitioned(base: type) -> type:
+  """``base`` (``nn.Partitioned`` or a subclass) for an absmax, deciding its last axis when asked."""
   from flax import struct
-  from flax.core import meta
 
-  class AbsmaxPartitioned(meta.Partitioned):
+  class AbsmaxPartitioned(base):
     """The absmax of a parameter boxed in ``nn.Partitioned``; ``names`` are the parameter's.
 
     ``nn.get_sharding(tree, mesh)`` knows the mesh, so whether a sharded last axis is cut into
     whole blocks is decided exactly there; ``nn.get_partition_spec`` uses the box's mesh or the
     context's (``jax.set_mesh``), else the rule of ``_absmax_names`` for an unknown mesh.
+    Logical names (``nn.LogicallyPartitioned``) count by the mesh axes their rules name.
     """
 
     param_shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
@@ -169,7 +193,8 @@ def _absmax_partitioned() -> type:
     label: str = struct.field(pytree_node=False, default="")
 
     def _spec(self, mesh: Any) -> PartitionSpec:
-      return PartitionSpec(*_absmax_names(self.label, tuple(self.names), self.param_shape, self.block_size, mesh))
+      names = _absmax_names(self.label, tuple(self.names), self.param_shape, self.block_size, mesh, _rules(self))
+      return PartitionSpec(*names)
 
     def get_partition_spec(self) -> PartitionSpec:
       return self._spec(_mesh_of(self, None))
@@ -190,11 +215,12 @@ def box_like(param: Any, moment: Any, label: str) -> Any:
   names = _names(param)
   if names is None:
     absmax = rebox(param, moment.absmax)
-  elif type(param) is _linen_metadata_type("Partitioned"):  # not its subclasses, e.g. logical names
-    absmax = _absmax_partitioned()(moment.absmax, param.names, param.mesh, param_shape=moment.shape,
-                                    block_size=moment.block_size, label=label)
+  elif type(param) in (_linen_metadata_type("Partitioned"), _linen_partitioned_type("LogicallyPartitioned")):
+    fields = {f.name: getattr(param, f.name) for f in dataclasses.fields(param)} | {"value": moment.absmax}
+    absmax = _absmax_partitioned(type(param))(
+        **fields, param_shape=moment.shape, block_size=moment.block_size, label=label)
   else:
-    names = _absmax_names(label, names, moment.shape, moment.block_size, _mesh_of(param, unbox(param)))
+    names = _absmax_names(label, names, moment.shape, moment.block_size, _mesh_of(param, unbox(param)), _rules(param))
     if _is_instance(param, _nnx_variable_type()):
       absmax = param.copy(moment.absmax, out_sharding=names)
     else:

@@ -136,17 +136,18 @@ def _block_rule(shape: tuple[int, ...], hp_rank: int, num_state: int, block_size
   """The Shardy rule of a blockwise update ``(g, hp, *state) -> (update, *state)``.
 
   ``state`` alternates codes (``g``'s shape) and absmax (blocks along the last axis); ``hp``'s
-  leading axes, if any, are ``g``'s leading (vmapped) axes. Leading axes shard freely; the
-  last one only in whole blocks (``(k b)``) when it holds whole blocks at all.
+  leading axes, if any, are ``g``'s leading (vmapped) axes. Leading axes shard freely. The last
+  axis of the tensors (``n``) and of the absmax (``k``) are separate factors: tied as ``(k b)``,
+  Shardy would shard ``k`` over part of a mesh axis that does not divide it (2 blocks over 4
+  devices), which no ``PartitionSpec`` can express. The partition keeps them in whole blocks
+  (:func:`_partition`); without whole blocks to shard at all, both are replicated.
   """
   if shape[-1] % block_size or shape[-1] // block_size <= 1:  # no whole blocks to shard
-    last, blocks, factors = "n", "k", {"need_replication_factors": ("n", "h", "k")}  # in order of appearance
-  elif block_size == 1:  # (a compound factor cannot have a part of size 1)
-    last, blocks, factors = "k", "k", {"need_replication_factors": ("h",)}
+    factors = {"need_replication_factors": ("n", "h", "k")}  # in order of appearance
   else:
-    last, blocks, factors = "(k b)", "k", {"need_replication_factors": ("b", "h"), "b": block_size}
+    factors = {"need_replication_factors": ("h",)}
   lead = [f"d{i}" for i in range(len(shape) - 1)]
-  tensor, absmax = " ".join([*lead, last]), " ".join([*lead, blocks])
+  tensor, absmax = " ".join([*lead, "n"]), " ".join([*lead, "k"])
   hp = " ".join([*lead[: hp_rank - 1], "h"])
   state = [tensor, absmax] * (num_state // 2)
   return f"{', '.join([tensor, hp, *state])} -> {', '.join([tensor, *state])}", factors

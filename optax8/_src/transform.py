@@ -13,9 +13,10 @@ quantization options, all keyword-only after ``*``:
 * ``param_labels``: the labels, as a tree of strings or a callable of the params; by default
   each parameter's ``/``-joined tree path.
 
-``None`` stands for the default, so that :func:`optax.inject_hyperparams` leaves these
-options static: the float hyperparameters may then change every step without recompiling. To
-set an integer option under ``inject_hyperparams``, list it in ``static_args``.
+``None`` stands for the default, so that :func:`optax.inject_hyperparams` leaves unset options
+out of its state. The integer options it does inject are read when the state is initialised
+(the state's structure records each parameter's bits and block size), so the float
+hyperparameters may change every step without recompiling and no ``static_args`` are needed.
 """
 
 from __future__ import annotations
