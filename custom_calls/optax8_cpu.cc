@@ -189,7 +189,9 @@ template <class F, int kFlags, size_t... k>
 OPTAX8_HD void UpdateElements(std::index_sequence<k...>, int64_t n, const float* g,
                               const uint8_t* const (&codes)[F::kMoments], const float (&absmax)[F::kMoments],
                               const typename F::Consts& consts, float* u,
-                              float* const (&moments)[F::kMoments], uint32_t (&peak)[F::kMoments]) {
+                              float* const (&moments)[F::kMoments], uint32_t (&peak)[F::kMoments],
+                              bool& touched) {
+  constexpr bool kSkip = (kFlags & kSkipZeros) != 0;
   // Local copies, so that the compiler keeps them in registers.
   const uint8_t* __restrict__ const in[F::kMoments] = {codes[k]...};
   float* __restrict__ const out[F::kMoments] = {moments[k]...};
@@ -201,11 +203,20 @@ OPTAX8_HD void UpdateElements(std::index_sequence<k...>, int64_t n, const float*
   // The map entries first, into the moments' scratch (each element is read before written).
   (LookupMap<F::kSigned[k]>(in[k], vector_end, out[k]), ...);
   __m256i vector_top[F::kMoments] = {(static_cast<void>(k), _mm256_setzero_si256())...};
+  __m256 vector_touched = _mm256_setzero_ps();
   for (; j < vector_end; j += kLanes) {
     const Vec8 gradient = _mm256_loadu_ps(g + j);
     __m256i keep = FiniteMask(gradient);
     Vec8 m[F::kMoments] = {Vec8(_mm256_loadu_ps(out[k] + j)) * Vec8(scale[k])...};  // Decode
-    const Vec8 update = F::template Step<kFlags>(Masked(gradient, keep), m, consts);
+    [[maybe_unused]] const Vec8 old[F::kMoments] = {m[k]...};
+    Vec8 update = F::template Step<kFlags>(Masked(gradient, keep), m, consts);
+    if constexpr (kSkip) {
+      // Not zero: also NaN, which then resets below.
+      const Mask8 nonzero = {_mm256_cmp_ps(gradient.v, _mm256_setzero_ps(), _CMP_NEQ_UQ)};
+      vector_touched = _mm256_or_ps(vector_touched, nonzero.v);
+      ((m[k] = Select(nonzero, m[k], old[k])), ...);
+      update = Select(nonzero, update, Vec8(0.0f));
+    }
     ((keep = _mm256_and_si256(keep, FiniteMask(m[k]))), ...);
     _mm256_storeu_ps(u + j, Masked(update, keep).v);
     ((m[k] = Masked(m[k], keep)), ...);
@@ -214,6 +225,9 @@ OPTAX8_HD void UpdateElements(std::index_sequence<k...>, int64_t n, const float*
                                                                         _mm256_set1_epi32(0x7FFFFFFF)))), ...);
   }
   ((top[k] = HorizontalMax(vector_top[k])), ...);
+  bool any_touched = _mm256_movemask_ps(vector_touched) != 0;
+#else
+  bool any_touched = false;
 #endif
   OPTAX8_NO_ALIAS_IN_LOOP
   for (; j < n; ++j) {
@@ -222,7 +236,14 @@ OPTAX8_HD void UpdateElements(std::index_sequence<k...>, int64_t n, const float*
     // the loop free of branches.)
     uint32_t keep = FiniteMask(g[j]);
     float m[F::kMoments] = {Decode<F::kSigned[k]>(in[k][j], scale[k])...};
-    const float update = F::template Step<kFlags>(Masked(g[j], keep), m, consts);
+    [[maybe_unused]] const float old[F::kMoments] = {m[k]...};
+    float update = F::template Step<kFlags>(Masked(g[j], keep), m, consts);
+    if constexpr (kSkip) {
+      const bool nonzero = !(g[j] == 0.0f);  // also NaN, which then resets below
+      any_touched |= nonzero;
+      ((m[k] = nonzero ? m[k] : old[k]), ...);
+      update = nonzero ? update : 0.0f;
+    }
     ((keep &= FiniteMask(m[k])), ...);
     u[j] = Masked(update, keep);
     ((m[k] = Masked(m[k], keep)), ...);
@@ -231,6 +252,7 @@ OPTAX8_HD void UpdateElements(std::index_sequence<k...>, int64_t n, const float*
     ((top[k] = std::max(top[k], FloatToBits(m[k]) & 0x7FFFFFFFu)), ...);
   }
   ((peak[k] = top[k]), ...);
+  touched = !kSkip || any_touched;
 }
 
 // Updates blocks [begin, end) (flat indices over rows x row_blocks).
@@ -263,10 +285,19 @@ OPTAX8_HD void UpdateBlocks(const Job& job, int64_t begin, int64_t end) {
       absmax[k] = job.moments[k].absmax[block];
       peak[k] = 0;
     }
+    bool touched = true;
     // In place when the update aliases the gradient: each element is read before it is written.
     UpdateElements<F, kFlags>(std::make_index_sequence<K>(), n, GradientAsFloat(job, offset, n, g32), codes,
-                              absmax, consts, UpdateAsFloat(job, offset, u32), moments, peak);
+                              absmax, consts, UpdateAsFloat(job, offset, u32), moments, peak, touched);
     StoreHalfUpdate(job, offset, n, u32);
+    if (!touched) {  // skip_zeros, and the block's gradient is zero throughout: its state stays
+      for (int k = 0; k < K; ++k) {
+        job.moments[k].new_absmax[block] = absmax[k];
+        uint8_t* new_codes = job.moments[k].new_codes + offset;
+        if (new_codes != codes[k]) std::memcpy(new_codes, codes[k], static_cast<size_t>(n));
+      }
+      continue;
+    }
     for (int k = 0; k < K; ++k) {
       const float new_absmax = BitsToFloat(peak[k]);
       job.moments[k].new_absmax[block] = new_absmax;

@@ -91,14 +91,16 @@ struct Chunk {
 
 // Steps the lane's elements of [start, start + n), n <= kChunk, with the CPU kernel's
 // per-element semantics: a non-finite gradient element counts as 0, and it or a moment that
-// overflows resets the element's moments to +0 and gives it a zero update. Stores the update
-// when kStore (it needs no absmax, so it leaves the registers at once). Elements at or past n
-// compute on zeros and are never stored.
+// overflows resets the element's moments to +0 and gives it a zero update; under kSkipZeros an
+// element whose gradient is zero keeps its decoded moments, gets a zero update, and leaves
+// `touched` as it is (others set it). Stores the update when kStore (it needs no absmax, so it
+// leaves the registers at once). Elements at or past n compute on zeros and are never stored.
 template <class F, int kFlags, class T, bool kStore>
 __device__ __forceinline__ void StepChunk(const Job& job, int64_t start, int n, int lane,
                                           const float (&absmax)[F::kMoments], const typename F::Consts& consts,
-                                          Chunk<F::kMoments>& out) {
+                                          Chunk<F::kMoments>& out, bool& touched) {
   constexpr int K = F::kMoments;
+  constexpr bool kSkip = (kFlags & kSkipZeros) != 0;
   const T* g = static_cast<const T*>(job.g) + start;
   T* u = static_cast<T*>(job.update) + start;
   float grad[kItems];
@@ -119,7 +121,17 @@ __device__ __forceinline__ void StepChunk(const Job& job, int64_t start, int n, 
     float m[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) m[k] = DecodeMoment<F>(k, codes[k][i], absmax[k]);
-    const float update = F::template Step<kFlags>(keep ? grad[i] : 0.0f, m, consts);
+    [[maybe_unused]] float old[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) old[k] = m[k];
+    float update = F::template Step<kFlags>(keep ? grad[i] : 0.0f, m, consts);
+    if constexpr (kSkip) {
+      const bool nonzero = !(grad[i] == 0.0f);  // also NaN, which resets below; zero past n
+      touched = touched || nonzero;
+#pragma unroll
+      for (int k = 0; k < K; ++k) m[k] = nonzero ? m[k] : old[k];
+      update = nonzero ? update : 0.0f;
+    }
 #pragma unroll
     for (int k = 0; k < K; ++k) keep = keep && Finite(m[k]);
     // In place when the update aliases the gradient: every element was read above.
@@ -145,6 +157,16 @@ template <int K>
 __device__ __forceinline__ void WarpMax(uint32_t (&peak)[K]) {
 #pragma unroll
   for (int k = 0; k < K; ++k) peak[k] = __reduce_max_sync(0xFFFFFFFFu, peak[k]);
+}
+
+// Copies the codes of the lane's elements below n where the update does not run in place.
+template <int K>
+__device__ __forceinline__ void KeepCodes(const Job& job, int64_t start, int n, int lane) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (job.moments[k].new_codes == job.moments[k].codes) continue;
+    for (int j = lane; j < n; j += kWarp) job.moments[k].new_codes[start + j] = job.moments[k].codes[start + j];
+  }
 }
 
 // Stores the new codes of the lane's elements below n, given the block's peaks.
@@ -204,29 +226,39 @@ __global__ void __launch_bounds__(kThreads, F::kMoments > 2 ? 2 : 3) UpdateKerne
       peak[k] = 0;
     }
     Chunk<K> chunk;
+    // Whether the block's state changes: under kSkipZeros, only where a gradient element is not zero.
+    constexpr bool kSkip = (kFlags & kSkipZeros) != 0;
+    bool touched = false;
+    bool block_touched = !kSkip;
     if (n > kChunk) {
       // Longer than a chunk: the peak first, then each chunk again to store it.
       for (int64_t base = 0; base < n; base += kChunk) {
         const int m = static_cast<int>(min(static_cast<int64_t>(kChunk), n - base));
-        StepChunk<F, kFlags, T, false>(job, offset + base, m, lane, absmax, consts, chunk);
+        StepChunk<F, kFlags, T, false>(job, offset + base, m, lane, absmax, consts, chunk, touched);
         AccumulatePeak(chunk, m, lane, peak);
       }
       WarpMax(peak);
+      if (kSkip) block_touched = __any_sync(0xFFFFFFFFu, touched);
     }
     for (int64_t base = 0; base < n; base += kChunk) {
       const int m = static_cast<int>(min(static_cast<int64_t>(kChunk), n - base));
-      StepChunk<F, kFlags, T, true>(job, offset + base, m, lane, absmax, consts, chunk);
+      StepChunk<F, kFlags, T, true>(job, offset + base, m, lane, absmax, consts, chunk, touched);
       if (n <= kChunk) {
         AccumulatePeak(chunk, m, lane, peak);
         WarpMax(peak);
+        if (kSkip) block_touched = __any_sync(0xFFFFFFFFu, touched);
       }
-      StoreCodes<F>(job, offset + base, m, lane, chunk, peak);
+      if (block_touched) {
+        StoreCodes<F>(job, offset + base, m, lane, chunk, peak);
+      } else {
+        KeepCodes<K>(job, offset + base, m, lane);
+      }
     }
     // The new absmax may overwrite the old one in place: every lane has read it by now.
     __syncwarp();
     if (lane == 0) {
 #pragma unroll
-      for (int k = 0; k < K; ++k) job.moments[k].new_absmax[block] = BitsToFloat(peak[k]);
+      for (int k = 0; k < K; ++k) job.moments[k].new_absmax[block] = block_touched ? BitsToFloat(peak[k]) : absmax[k];
     }
   }
 }

@@ -57,13 +57,13 @@ bool VisitFamily(std::string_view name, Visit&& visit) {
   return false;
 }
 
-// Calls visit(std::integral_constant<int, flags>{}) when `flags` is a subset of F's flags, so
-// that a kernel can be instantiated for each subset; false otherwise.
+// Calls visit(std::integral_constant<int, flags>{}) when `flags` is a subset of F's flags and
+// the common ones, so that a kernel can be instantiated for each subset; false otherwise.
 template <class F, int kFlags = 0, class Visit>
 bool VisitFlags(int64_t flags, Visit&& visit) {
-  if constexpr (kFlags > (kNesterov | kEpsInSqrt | kBiasCorrection)) {
+  if constexpr (kFlags > kAllFlags) {
     return false;
-  } else if constexpr ((kFlags & ~F::kFlags) == 0) {
+  } else if constexpr ((kFlags & ~(F::kFlags | kCommonFlags)) == 0) {
     if (flags == kFlags) return visit(std::integral_constant<int, kFlags>{}), true;
     return VisitFlags<F, kFlags + 1>(flags, visit);
   } else {

@@ -358,8 +358,13 @@ OPTAX8_HD float Sqrt(float x) { return sqrtf(x); }
 OPTAX8_HD float Select(bool condition, float if_true, float if_false) { return condition ? if_true : if_false; }
 OPTAX8_HD float Sign(float x) { return x > 0 ? 1.0f : (x < 0 ? -1.0f : x); }  // as jnp.sign: keeps ±0, NaN
 
-// Static options, as bits of the kernel's `flags` attribute.
-enum Flag : int { kNesterov = 1, kEpsInSqrt = 2, kBiasCorrection = 4 };
+// Static options, as bits of the kernel's `flags` attribute. kSkipZeros applies to every
+// family and lives in the kernels' element loop, not in a Step: an element whose gradient is
+// exactly zero keeps its decoded moments and gets a zero update, and a block whose gradient is
+// zero throughout keeps its codes and absmax as they are.
+enum Flag : int { kNesterov = 1, kEpsInSqrt = 2, kBiasCorrection = 4, kSkipZeros = 8 };
+inline constexpr int kCommonFlags = kSkipZeros;
+inline constexpr int kAllFlags = kNesterov | kEpsInSqrt | kBiasCorrection | kSkipZeros;
 
 // Each family: kMoments and their maps (kSigned), the flags it reads, and its per-step scalars
 // in the order of its `scalars` function in update_math.py (kNumScalars floats). Prepare turns

@@ -16,7 +16,7 @@ from optax8._src.alias import (
     rmsprop8bit,
     sgd8bit,
 )
-from optax8._src.clipping import PercentileClippingState, percentile_clipping
+from optax8._src.clipping import PercentileClippingState, clip_by_unorm, percentile_clipping
 from optax8._src.convert import convert_state
 from optax8._src.integrations import export_safety_checks, register_kernels
 from optax8._src.labels import default_labels
@@ -65,6 +65,7 @@ __all__ = [
     "adagrad8bit",
     "adam8bit",
     "adamw8bit",
+    "clip_by_unorm",
     "convert_state",
     "ademamix8bit",
     "default_labels",

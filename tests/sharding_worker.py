@@ -306,7 +306,64 @@ def multiprocess(process_id: int, port: int, out: str) -> dict:
   return facts
 
 
-SECTIONS = {"matrix": matrix, "partial_blocks": partial_blocks, "checkpoint": checkpoint, "multiprocess": multiprocess}
+def sparse_grads(layout: dict, steps: int = STEPS) -> list[dict[str, np.ndarray]]:
+  """Gradients with whole rows zero (embedding rows absent from a batch) and scattered zeros."""
+  rng = np.random.default_rng(7)
+  grads = host_grads(layout, steps)
+  for g in grads:
+    for x in g.values():
+      if x.ndim > 1:
+        x[rng.random(x.shape[0]) < 0.5] = 0.0
+      x[rng.random(x.shape) < 0.1] = 0.0
+  return grads
+
+
+COLLECTIVE_SHAPE = re.compile(r"= (.+?) " + COLLECTIVE.pattern[2:])  # a collective's result shape and kind
+
+
+def non_scalar_collectives(hlo: str) -> list[str]:
+  """The collectives of ``hlo`` whose results are not (tuples of) scalars."""
+  found = COLLECTIVE_SHAPE.findall(hlo)
+  scalars = lambda shape: not re.sub(r"/\*.*?\*/|[a-z0-9]+\[\]|[(), ]", "", shape)
+  return [f"{kind} {shape}" for shape, kind in found if not scalars(shape)]
+
+
+def update_options(implementation: str) -> dict:
+  """skip_zeros and max_unorm (both per label) on a sharded step: communication and bits."""
+  optax8.set_implementation(IMPLEMENTATIONS[implementation])
+  tx = optax8.adamw8bit(1e-2, weight_decay=0.1, skip_zeros=True, max_unorm=0.02,
+                        overrides={"replicated": {"max_unorm": 0.0, "skip_zeros": False}})
+  params, grads = host_params(PARAMS), sparse_grads(PARAMS)
+  expected = train(jax.jit(step_fn(tx)), params, tx.init(params), grads)
+  results = {}
+  for mode, axis_type in MODES.items():
+    mesh = make_mesh(axis_type)
+    params_sharding = placement(mesh, PARAMS)
+    with jax.set_mesh(mesh):
+      sharded_params = jax.device_put(params, params_sharding)
+      state, _ = sharded_init(tx, tx.init, sharded_params, params_sharding)
+      inputs = [jax.device_put(g, params_sharding) for g in grads]
+      step = jax.jit(step_fn(tx)).lower(sharded_params, state, inputs[0]).compile()
+      trained = train(step, sharded_params, state, inputs)
+    hlo = step.as_text()
+    results[mode] = {
+        "all_reduces": collectives(hlo).get("all-reduce", 0),
+        "non_scalar_collectives": non_scalar_collectives(hlo),
+        "custom_call": native.TARGET in hlo,
+        "state_differs_from_one_device": differences(expected[1], trained[1]),
+        # The norms are sums over shards, in another order than on one device.
+        "params_max_relative_difference": max(
+            float(np.max(np.abs(np.asarray(a) - b) / (np.abs(b) + 1e-30)))
+            for a, b in zip(jax.tree.leaves(trained[0]), jax.tree.leaves(expected[0]))
+        ),
+    }
+  return results
+
+
+SECTIONS = {
+    "matrix": matrix, "partial_blocks": partial_blocks, "checkpoint": checkpoint, "multiprocess": multiprocess,
+    "update_options": update_options,
+}
 
 
 def main(argv: list[str]) -> None:

@@ -66,6 +66,12 @@ FAMILIES = {
         dict(b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, eps_root=0.0),
     ),
 }
+# skip_zeros, a flag of every family's kernel.
+FAMILIES.update({
+    f"{name}_skip": (family, {**static, "skip_zeros": True}, hyper)
+    for name, (family, static, hyper) in list(FAMILIES.items())
+    if name in ("adam_nesterov", "momentum", "lion", "rmsprop_11", "adagrad", "ademamix")
+})
 NON_NEGATIVE = ("rmsprop", "adagrad")  # families whose (signed-map) state is >= 0
 
 
@@ -84,11 +90,17 @@ def random_moments(rng, family, shape, block_size):
 
 
 def random_gradient(rng, shape, dtype, block_size):
-  """A gradient with non-finite and subnormal elements, zero where the moments' first block is."""
+  """A gradient with non-finite, subnormal and zero elements.
+
+  Zero where the moments' first block is, in the second block of each row (whose moments are
+  not zero: skip_zeros keeps such a block as it is), and at random places.
+  """
   g = rng.standard_normal(shape).astype(np.float32) * np.float32(0.1)
   g[..., :block_size] = 0.0
+  g[..., block_size:2 * block_size] = 0.0
   flat = g.reshape(-1)
   n = flat.size
+  flat[rng.integers(0, n, max(1, n // 20))] = 0.0
   flat[rng.integers(0, n, 4)] = np.nan
   flat[rng.integers(0, n, 2)] = np.inf
   flat[rng.integers(0, n, 2)] = -np.inf

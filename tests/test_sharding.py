@@ -124,6 +124,17 @@ def test_last_axis_split_into_partial_blocks_trains_bit_identically(mode, implem
   assert not facts["types_changed"]
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("mode", list(worker.MODES))
+def test_skip_zeros_and_max_unorm_add_only_scalar_all_reduces_under_sharding(mode, implementation):
+  facts = measured("update_options", implementation)[mode]
+  assert not facts["non_scalar_collectives"], facts
+  assert 1 <= facts["all_reduces"], facts  # max_unorm's norms of sharded tensors
+  assert not facts["state_differs_from_one_device"]
+  assert facts["params_max_relative_difference"] < 1e-6
+  assert facts["custom_call"] == (implementation == "native" and native._kernel_usable())
+
+
 def test_checkpoint_restores_onto_another_mesh_and_training_continues_bit_identically(tmp_path):
   pytest.importorskip("orbax.checkpoint")
   facts = run_worker(tmp_path / "facts.json", "checkpoint", str(tmp_path / "checkpoint"))

@@ -12,8 +12,8 @@ from typing import Any
 
 import optax
 
+from optax8._src import clipping, moments, transform
 from optax8._src import labels as labels_lib
-from optax8._src import moments, transform
 
 __all__ = [
     "adagrad8bit",
@@ -40,6 +40,8 @@ def adam8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    skip_zeros: bool = False,
+    max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -51,7 +53,8 @@ def adam8bit(
   Args:
     learning_rate: a float or an optax schedule.
     b1, b2, eps, eps_root, mu_dtype, nesterov: as in :func:`optax.adam`.
-    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options.
+    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: see
+      :func:`optax8.scale_by_adam8bit`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -70,8 +73,8 @@ def adam8bit(
   return optax.chain(
       transform.scale_by_adam8bit(
           b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, optim_bits=optim_bits,
-          block_size=block_size, min_8bit_size=min_8bit_size, overrides=overrides,
-          param_labels=param_labels,
+          block_size=block_size, min_8bit_size=min_8bit_size, skip_zeros=skip_zeros, max_unorm=max_unorm,
+          overrides=overrides, param_labels=param_labels,
       ),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -91,6 +94,8 @@ def adamw8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    skip_zeros: bool = False,
+    max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -105,7 +110,8 @@ def adamw8bit(
     b1, b2, eps, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
     weight_decay: :math:`\lambda`, >= 0 (default 1e-4, optax's).
     mask: which parameters decay, as in :func:`optax.adamw`.
-    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options.
+    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: see
+      :func:`optax8.scale_by_adam8bit`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -121,8 +127,8 @@ def adamw8bit(
   return optax.chain(
       transform.scale_by_adam8bit(
           b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, optim_bits=optim_bits,
-          block_size=block_size, min_8bit_size=min_8bit_size, overrides=overrides,
-          param_labels=param_labels,
+          block_size=block_size, min_8bit_size=min_8bit_size, skip_zeros=skip_zeros, max_unorm=max_unorm,
+          overrides=overrides, param_labels=param_labels,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -138,6 +144,8 @@ def sgd8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    skip_zeros: bool = False,
+    max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -152,7 +160,8 @@ def sgd8bit(
     momentum: the momentum decay in [0, 1), or ``None`` for none.
     nesterov: use Nesterov momentum.
     accumulator_dtype: dtype of the trace where it stays 32-bit (default float32).
-    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options.
+    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: see
+      :func:`optax8.scale_by_adam8bit`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -165,11 +174,16 @@ def sgd8bit(
     (64, 64)
   """
   if momentum is None:
+    if max_unorm:
+      return optax.with_extra_args_support(
+          optax.chain(clipping.clip_by_unorm(max_unorm), optax.scale_by_learning_rate(learning_rate))
+      )
     return optax.with_extra_args_support(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(
       transform.trace8bit(
           momentum, nesterov, accumulator_dtype, optim_bits=optim_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, overrides=overrides, param_labels=param_labels,
+          min_8bit_size=min_8bit_size, skip_zeros=skip_zeros, max_unorm=max_unorm, overrides=overrides,
+          param_labels=param_labels,
       ),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -186,6 +200,8 @@ def lion8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    skip_zeros: bool = False,
+    max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -199,7 +215,8 @@ def lion8bit(
     b1, b2, mu_dtype: as in :func:`optax.lion`.
     weight_decay: >= 0 (default 1e-3, optax's).
     mask: which parameters decay.
-    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options.
+    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: see
+      :func:`optax8.scale_by_adam8bit`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -215,7 +232,8 @@ def lion8bit(
   return optax.chain(
       transform.scale_by_lion8bit(
           b1, b2, mu_dtype, optim_bits=optim_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, overrides=overrides, param_labels=param_labels,
+          min_8bit_size=min_8bit_size, skip_zeros=skip_zeros, max_unorm=max_unorm, overrides=overrides,
+          param_labels=param_labels,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -236,6 +254,8 @@ def rmsprop8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    skip_zeros: bool = False,
+    max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -253,7 +273,8 @@ def rmsprop8bit(
       :func:`optax.rmsprop`).
     momentum: momentum decay in [0, 1), or ``None``.
     nesterov: Nesterov momentum.
-    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options.
+    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: see
+      :func:`optax8.scale_by_adam8bit`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -271,17 +292,18 @@ def rmsprop8bit(
         "for the centred variant."
     )
   quant = dict(
-      optim_bits=optim_bits, block_size=block_size, min_8bit_size=min_8bit_size,
+      optim_bits=optim_bits, block_size=block_size, min_8bit_size=min_8bit_size, skip_zeros=skip_zeros,
       param_labels=param_labels,
   )
   rms = transform.scale_by_rms8bit(
-      decay, eps, initial_scale, eps_in_sqrt, bias_correction, overrides=overrides, **quant
+      decay, eps, initial_scale, eps_in_sqrt, bias_correction, max_unorm=max_unorm, overrides=overrides, **quant
   )
   if momentum is None:
     return optax.chain(rms, optax.scale_by_learning_rate(learning_rate))
-  # The trace shares the quantization options; its own `decay` is `momentum`, not RMS's decay.
+  # The trace shares the quantization options and skip_zeros; its own `decay` is `momentum`, not
+  # RMS's decay, and max_unorm clips the RMS scaling's output.
   trace_overrides = overrides and {
-      pattern: {k: v for k, v in options.items() if k in labels_lib.QUANT_OPTIONS}
+      pattern: {k: v for k, v in options.items() if k in (*labels_lib.QUANT_OPTIONS, "skip_zeros")}
       for pattern, options in overrides.items()
   }
   return optax.chain(
@@ -299,6 +321,8 @@ def adagrad8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    skip_zeros: bool = False,
+    max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -309,7 +333,8 @@ def adagrad8bit(
   Args:
     learning_rate: a float or an optax schedule.
     initial_accumulator_value, eps: as in :func:`optax.adagrad`.
-    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options.
+    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: see
+      :func:`optax8.scale_by_adam8bit`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -324,7 +349,8 @@ def adagrad8bit(
   return optax.chain(
       transform.scale_by_rss8bit(
           initial_accumulator_value, eps, optim_bits=optim_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, overrides=overrides, param_labels=param_labels,
+          min_8bit_size=min_8bit_size, skip_zeros=skip_zeros, max_unorm=max_unorm, overrides=overrides,
+          param_labels=param_labels,
       ),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -345,6 +371,8 @@ def ademamix8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    skip_zeros: bool = False,
+    max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -358,7 +386,8 @@ def ademamix8bit(
     learning_rate: a float or an optax schedule.
     b1, b2, b3, alpha, eps, eps_root, mu_dtype, weight_decay, mask: as in
       :func:`optax.contrib.ademamix`.
-    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options.
+    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: see
+      :func:`optax8.scale_by_adam8bit`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -374,7 +403,8 @@ def ademamix8bit(
   return optax.chain(
       transform.scale_by_ademamix8bit(
           b1, b2, b3, alpha, eps, eps_root, mu_dtype, optim_bits=optim_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, overrides=overrides, param_labels=param_labels,
+          min_8bit_size=min_8bit_size, skip_zeros=skip_zeros, max_unorm=max_unorm, overrides=overrides,
+          param_labels=param_labels,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -393,6 +423,8 @@ def lamb8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    skip_zeros: bool = False,
+    max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -405,7 +437,8 @@ def lamb8bit(
   Args:
     learning_rate: a float or an optax schedule.
     b1, b2, eps, eps_root, weight_decay, mask: as in :func:`optax.lamb`.
-    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options.
+    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: see
+      :func:`optax8.scale_by_adam8bit`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -421,7 +454,8 @@ def lamb8bit(
   return optax.chain(
       transform.scale_by_adam8bit(
           b1, b2, eps, eps_root, optim_bits=optim_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, overrides=overrides, param_labels=param_labels,
+          min_8bit_size=min_8bit_size, skip_zeros=skip_zeros, max_unorm=max_unorm, overrides=overrides,
+          param_labels=param_labels,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_trust_ratio(),
@@ -442,6 +476,8 @@ def lars8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    skip_zeros: bool = False,
+    max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -455,7 +491,8 @@ def lars8bit(
     learning_rate: a float or an optax schedule.
     weight_decay, weight_decay_mask, trust_coefficient, eps, trust_ratio_mask, momentum,
       nesterov: as in :func:`optax.lars`.
-    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options.
+    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: see
+      :func:`optax8.scale_by_adam8bit`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -477,6 +514,7 @@ def lars8bit(
       optax.scale_by_learning_rate(learning_rate),
       transform.trace8bit(
           momentum, nesterov, optim_bits=optim_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, overrides=overrides, param_labels=param_labels,
+          min_8bit_size=min_8bit_size, skip_zeros=skip_zeros, max_unorm=max_unorm, overrides=overrides,
+          param_labels=param_labels,
       ),
   )

@@ -1,4 +1,6 @@
-"""Per-tensor percentile clipping of gradients (bitsandbytes' ``percentile_clipping``)."""
+"""Per-tensor clipping: of gradients by a percentile of their recent norms (bitsandbytes'
+``percentile_clipping``), and of updates relative to their parameters' norms (its ``max_unorm``).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +8,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-__all__ = ["PercentileClippingState", "percentile_clipping"]
+__all__ = ["PercentileClippingState", "clip_by_unorm", "percentile_clipping", "unorm_clipped"]
 
 
 class PercentileClippingState(NamedTuple):
@@ -79,3 +82,64 @@ def percentile_clipping(percentile: int = 95, history: int = 100) -> optax.Gradi
     return clipped, PercentileClippingState(count, rings)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _norm(x: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))
+
+
+def unorm_clipped(update: jax.Array, param: jax.Array, max_unorm: Any) -> jax.Array:
+  r"""``update`` scaled by :math:`\min(1, \text{max\_unorm}\,\|p\|_2 / \|u\|_2)`, bitsandbytes' rule.
+
+  The scale is 1 where ``max_unorm`` is 0 or the update is zero, and 0 where the parameter is
+  zero and the update is not (so a zero-initialised parameter never moves; exempt it by label).
+  Norms are float32 over the whole tensor: under sharding, one all-reduce of a scalar each.
+  """
+  unorm, limit = _norm(update), max_unorm * _norm(param)
+  clip = (max_unorm > 0) & (unorm > limit)
+  scale = jnp.where(clip, limit / jnp.where(clip, unorm, 1.0), 1.0)
+  return (update.astype(jnp.float32) * scale).astype(update.dtype)
+
+
+def clip_by_unorm(max_unorm: float) -> optax.GradientTransformation:
+  r"""Clips each update tensor's norm to ``max_unorm`` times its parameter's norm.
+
+  bitsandbytes' ``max_unorm`` as a transformation for chains: per tensor, with :math:`u` the
+  incoming update and :math:`p` the parameter,
+
+  .. math::
+    u \leftarrow u \cdot \min\Big(1, \frac{\text{max\_unorm}\,\|p\|_2}{\|u\|_2}\Big)
+
+  (1 where ``max_unorm`` is 0 or :math:`u = 0`). Chain it right after the optimizer's scaling
+  and before weight decay and the learning rate, where bitsandbytes applies it; the aliases'
+  ``max_unorm`` keyword does exactly that, per label. ``update`` needs the params.
+
+  Args:
+    max_unorm: a float >= 0 (0: no clipping), or an array (e.g. injected).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax8
+    >>> tx = optax.chain(optax.scale_by_adam(), optax8.clip_by_unorm(0.01))
+    >>> params = {"w": jnp.ones((4, 4))}
+    >>> updates, _ = tx.update({"w": jnp.ones((4, 4))}, tx.init(params), params)
+    >>> round(float(jnp.linalg.norm(updates["w"])), 4)  # 0.01 * |p| = 0.04
+    0.04
+  """
+  if isinstance(max_unorm, bool) or not (
+      isinstance(max_unorm, (int, float, np.number)) or (hasattr(max_unorm, "dtype") and jnp.ndim(max_unorm) == 0)
+  ):
+    raise TypeError(f"max_unorm must be a float >= 0, got {max_unorm!r} of type {type(max_unorm).__name__}.")
+  if isinstance(max_unorm, (int, float, np.number)) and not max_unorm >= 0:
+    raise ValueError(f"max_unorm must be >= 0, got {max_unorm}.")
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(
+          "clip_by_unorm clips updates relative to the parameters' norms: call update(grads, state, params)."
+      )
+    return jax.tree.map(lambda u, p: unorm_clipped(u, p, max_unorm), updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

@@ -9,6 +9,12 @@ Per step and per parameter the update is: dequantize the moments, run the family
 math, re-quantize. A non-finite gradient element (or one whose new moments overflow) resets
 that element's moments to zero and gets a zero update, so one bad element never poisons its
 block's absmax (a departure from optax, which propagates NaN per element).
+
+Two options change the update itself, per parameter by label like the quantization options:
+``skip_zeros`` (bitsandbytes' lazy update for sparse gradients: an element whose gradient is
+exactly zero keeps its moments and gets a zero update, and a block whose gradient is zero
+throughout keeps its codes and absmax bit for bit) and ``max_unorm`` (bitsandbytes' update-norm
+clipping relative to the parameter's norm, :func:`optax8._src.clipping.unorm_clipped`).
 """
 
 from __future__ import annotations
@@ -23,13 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax8._src import integrations, native
+from optax8._src import clipping, integrations, native
 from optax8._src import labels as labels_lib
 from optax8._src import quantization as qz
 from optax8._src import sharding as sharding_lib
 from optax8._src.update_math import Family
 
-__all__ = ["check_beta", "check_non_negative", "moment_transform", "schedule_or"]
+__all__ = ["check_beta", "check_bool", "check_non_negative", "moment_transform", "schedule_or"]
 
 Validator = Callable[[str, Any], None]
 
@@ -60,6 +66,12 @@ def check_beta(name: str, value: Any) -> None:
 def check_non_negative(name: str, value: Any) -> None:
   """Raises unless ``value`` >= 0 (arrays pass: they may be traced)."""
   _check_number(name, value, lambda v: v >= 0.0, ">= 0")
+
+
+def check_bool(name: str, value: Any) -> None:
+  """Raises unless ``value`` is a bool (a static option)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a bool, got {value!r} of type {type(value).__name__}.")
 
 
 def schedule_or(check: Validator) -> Validator:
@@ -125,6 +137,8 @@ QUANT_VALIDATORS: dict[str, Validator] = {
     "block_size": check_block_size,
     "min_8bit_size": check_min_8bit_size,
 }
+# Options of the update itself (None for max_unorm: off, and static under inject_hyperparams).
+UPDATE_VALIDATORS: dict[str, Validator] = {"skip_zeros": check_bool, "max_unorm": check_non_negative}
 
 
 def _check_param_dtype(label: str, dtype: Any) -> None:
@@ -181,11 +195,17 @@ def reference_leaf_update(
     scalars: Mapping[str, jax.Array],
 ) -> tuple[jax.Array, list[Any]]:
   """One parameter's update in pure ``jax.numpy``: the oracle for the native kernels."""
+  static = dict(static)
+  skip_zeros = static.pop("skip_zeros", False)
   g32 = g.astype(jnp.float32)
   finite = jnp.isfinite(g32)
+  touched = g32 != 0  # NaN included: it resets below
   g32 = jnp.where(finite, g32, 0.0)
   old = [qz.dequantize_blockwise(m) if qz.is_quantized(m) else m.astype(jnp.float32) for m in moments]
   update, new = family.elementwise(g32, tuple(old), **scalars, **static)
+  if skip_zeros:
+    update = jnp.where(touched, update, 0.0)
+    new = [jnp.where(touched, after, before) for before, after in zip(old, new)]
   # A moment that overflows (e.g. g**2 > float32 max) resets like a non-finite gradient.
   for after in new:
     finite &= jnp.isfinite(after)
@@ -194,10 +214,32 @@ def reference_leaf_update(
   for before, after in zip(moments, new):
     after = jnp.where(finite, after, 0.0)
     if qz.is_quantized(before):
-      stored.append(qz.quantize_blockwise(after, before.block_size, signed=before.signed))
+      q = qz.quantize_blockwise(after, before.block_size, signed=before.signed)
+      stored.append(qz.keep_untouched_blocks(q, before, touched) if skip_zeros else q)
     else:
       stored.append(after.astype(before.dtype))
   return update, stored
+
+
+def _unorm_off(max_unorm: Any) -> bool:
+  return max_unorm is None or (labels_lib.is_static_number(max_unorm) and float(max_unorm) == 0.0)
+
+
+def _params_for_unorm(params: Any, treedef: Any, labels: Sequence[str], options: Sequence[Mapping[str, Any]]) -> list:
+  """Each parameter where its update is clipped by ``max_unorm``, else ``None``."""
+  clipped = [not _unorm_off(o["max_unorm"]) for o in options]
+  if not any(clipped):
+    return [None] * len(options)
+  if params is None:
+    first = labels[clipped.index(True)]
+    raise ValueError(
+        f"max_unorm clips {first!r}'s update relative to the parameter's norm, so update() needs the params: "
+        "call tx.update(grads, state, params)."
+    )
+  boxes, params_def = jax.tree.flatten(params, is_leaf=integrations.is_box)
+  if params_def != treedef:
+    raise ValueError(f"params do not match the updates' tree structure: {params_def} and {treedef}.")
+  return [jnp.asarray(integrations.unbox(p)) if c else None for p, c in zip(boxes, clipped)]
 
 
 def moment_transform(
@@ -211,6 +253,8 @@ def moment_transform(
     optim_bits: int | None,
     block_size: int | None,
     min_8bit_size: int | None,
+    skip_zeros: bool = False,
+    max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None,
     param_labels: labels_lib.LabelSpec,
 ) -> optax.GradientTransformationExtraArgs:
@@ -228,6 +272,9 @@ def moment_transform(
     block_size: default quantization block size (``None``: 256).
     min_8bit_size: parameters with fewer elements (global size) keep 32-bit state
       (``None``: 4096).
+    skip_zeros: leave elements with an exactly zero gradient alone (moments and update).
+    max_unorm: clip each update's norm to ``max_unorm`` times its parameter's norm
+      (``None`` or 0: off); the update then needs ``params``.
     overrides: label pattern -> option dict.
     param_labels: labels tree or callable; ``None`` for the tree paths.
   """
@@ -237,9 +284,13 @@ def moment_transform(
   min_8bit_size = _int_option("min_8bit_size", min_8bit_size, DEFAULT_MIN_8BIT_SIZE, check_min_8bit_size)
   for name, value in hyperparams.items():
     validators[name](name, value)
-  overrides = labels_lib.validate_overrides(overrides, {**QUANT_VALIDATORS, **validators})
+  check_bool("skip_zeros", skip_zeros)
+  if max_unorm is not None:
+    check_non_negative("max_unorm", max_unorm)
+  overrides = labels_lib.validate_overrides(overrides, {**QUANT_VALIDATORS, **UPDATE_VALIDATORS, **validators})
   defaults = {
       **hyperparams, "optim_bits": optim_bits, "block_size": block_size, "min_8bit_size": min_8bit_size,
+      "skip_zeros": bool(skip_zeros), "max_unorm": max_unorm,
   }
   fields = tuple(state_cls._fields)
   has_count = fields[0] == "count"
@@ -271,7 +322,7 @@ def moment_transform(
     return state_cls(*count, *trees)
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
+    del extra_args
     if not isinstance(state, state_cls):
       raise TypeError(
           f"{family.name}: expected a {state_cls.__name__} state, got {type(state).__name__}; "
@@ -315,10 +366,15 @@ def moment_transform(
               f"{state_cls.__name__}.{field} for {label!r} holds {_describe(held)}, but this "
               f"optimizer expects {_describe(expected)}; was the state made with other options?"
           )
+    p_leaves = _params_for_unorm(params, treedef, labels, options)
     count = optax.safe_increment(state.count) if has_count else jnp.ones([], jnp.int32)
     hyper_names = tuple(hyperparams)
     new_updates, new_moments = [], [[] for _ in moment_fields]
-    leaf_update = functools.partial(native.leaf_update, reference_leaf_update, family, static)
+    leaf_updates = {
+        skip: functools.partial(native.leaf_update, reference_leaf_update, family,
+                                {**static, "skip_zeros": True} if skip else static)
+        for skip in (False, True)
+    }
     scalars_of = {}  # leaves with the same hyperparameters share their scalars, traced once
     for i, g in enumerate(g_leaves):
       hyper = {k: options[i][k] for k in hyper_names}
@@ -326,7 +382,10 @@ def moment_transform(
       if key not in scalars_of:
         scalars_of[key] = family.scalars(count, **hyper)
       scalars = scalars_of[key]
+      leaf_update = leaf_updates[options[i]["skip_zeros"]]
       u, stored = sharding_lib.in_whole_blocks(leaf_update, g, [leaves[i] for leaves in moments], scalars)
+      if p_leaves[i] is not None:
+        u = clipping.unorm_clipped(u, p_leaves[i], options[i]["max_unorm"])
       new_updates.append(integrations.rebox(g_boxes[i], u))
       for acc, boxes, s in zip(new_moments, moment_boxes, stored):
         acc.append(integrations.rebox(boxes[i], s))

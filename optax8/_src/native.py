@@ -77,7 +77,7 @@ SCALAR_ORDER = {
     "ademamix": ("b1", "b2", "b3", "alpha", "eps", "eps_root", "bc1", "bc2"),
 }
 # Static options, as bits of the kernel's `flags` attribute.
-FLAG_BITS = {"nesterov": 1, "eps_in_sqrt": 2, "bias_correction": 4}
+FLAG_BITS = {"nesterov": 1, "eps_in_sqrt": 2, "bias_correction": 4, "skip_zeros": 8}
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 

@@ -328,6 +328,18 @@ def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
   return _unblocked(values * q.absmax[..., None], n)
 
 
+def keep_untouched_blocks(new: QuantizedArray, old: QuantizedArray, touched: jax.Array) -> QuantizedArray:
+  """``new``, except that each block with no ``touched`` element keeps ``old``'s codes and absmax."""
+  block_touched = jnp.any(_blocked(touched, new.block_size), axis=-1)
+  n = new.codes.shape[-1]
+  codes_touched = _unblocked(jnp.broadcast_to(block_touched[..., None], block_touched.shape + (new.block_size,)), n)
+  return dataclasses.replace(
+      new,
+      codes=jnp.where(codes_touched, new.codes, old.codes),
+      absmax=jnp.where(block_touched, new.absmax, old.absmax),
+  )
+
+
 def is_quantized(x: object) -> bool:
   return isinstance(x, QuantizedArray)
 

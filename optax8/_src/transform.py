@@ -8,6 +8,15 @@ quantization options, all keyword-only after ``*``:
   axis.
 * ``min_8bit_size`` (default 4096): parameters with fewer elements (their global size,
   whatever the sharding) keep float32 moments, as do scalars.
+* ``skip_zeros`` (default ``False``): an element whose gradient is exactly zero keeps its
+  moments (undecayed) and gets a zero update, bitsandbytes' lazy update for sparse gradients.
+  An 8-bit block whose gradient is zero throughout keeps its codes and absmax bit for bit; an
+  untouched element of a block whose absmax changes is re-encoded once against the new absmax,
+  an error of at most half a code step of the new scale each time the absmax changes.
+* ``max_unorm`` (default ``None``: off): scales each parameter's update by
+  ``min(1, max_unorm * ‖p‖₂ / ‖u‖₂)``, bitsandbytes' rule, with
+  ``u`` this transformation's output (before learning rate and weight decay); ``update``
+  then needs ``params``. Under sharding each clipped tensor costs one all-reduce of two scalars.
 * ``overrides``: ``{label pattern: {option: value}}`` for per-parameter quantization options
   and hyperparameters (see :mod:`optax8._src.labels` for labels and matching).
 * ``param_labels``: the labels, as a tree of strings or a callable of the params; by default
@@ -104,6 +113,8 @@ def scale_by_adam8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    skip_zeros: bool = False,
+    max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -129,8 +140,12 @@ def scale_by_adam8bit(
     optim_bits: 8 (default), or 32 for float32 moments everywhere.
     block_size: quantization block size along the last axis (default 256).
     min_8bit_size: parameters with fewer elements keep float32 moments (default 4096).
-    overrides: per-label options: ``optim_bits``, ``block_size``, ``min_8bit_size``, ``b1``,
-      ``b2``, ``eps``, ``eps_root``.
+    skip_zeros: an element whose gradient is exactly zero keeps its moments and gets a zero
+      update (bitsandbytes' ``skip_zeros``, for sparse gradients such as embeddings).
+    max_unorm: clip each update tensor's norm to ``max_unorm`` times its parameter's norm
+      (bitsandbytes' ``max_unorm``; ``None`` or 0: off); ``update`` then needs ``params``.
+    overrides: per-label options: ``optim_bits``, ``block_size``, ``min_8bit_size``,
+      ``skip_zeros``, ``max_unorm``, ``b1``, ``b2``, ``eps``, ``eps_root``.
     param_labels: labels tree or callable (default: tree paths).
 
   Returns:
@@ -160,6 +175,8 @@ def scale_by_adam8bit(
       optim_bits=optim_bits,
       block_size=block_size,
       min_8bit_size=min_8bit_size,
+      skip_zeros=skip_zeros,
+      max_unorm=max_unorm,
       overrides=overrides,
       param_labels=param_labels,
   )
@@ -173,6 +190,8 @@ def trace8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    skip_zeros: bool = False,
+    max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -214,6 +233,8 @@ def trace8bit(
       optim_bits=optim_bits,
       block_size=block_size,
       min_8bit_size=min_8bit_size,
+      skip_zeros=skip_zeros,
+      max_unorm=max_unorm,
       overrides=overrides,
       param_labels=param_labels,
   )
@@ -227,6 +248,8 @@ def scale_by_lion8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    skip_zeros: bool = False,
+    max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -242,7 +265,7 @@ def scale_by_lion8bit(
     b1: interpolation between gradient and momentum for the update, in [0, 1).
     b2: decay of the momentum, in [0, 1).
     mu_dtype: dtype of the momentum where it stays 32-bit (default float32).
-    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options (see
+    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: options (see
       :func:`scale_by_adam8bit`); per-label keys ``b1``, ``b2``.
 
   Returns:
@@ -265,6 +288,8 @@ def scale_by_lion8bit(
       optim_bits=optim_bits,
       block_size=block_size,
       min_8bit_size=min_8bit_size,
+      skip_zeros=skip_zeros,
+      max_unorm=max_unorm,
       overrides=overrides,
       param_labels=param_labels,
   )
@@ -280,6 +305,8 @@ def scale_by_rms8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    skip_zeros: bool = False,
+    max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -301,7 +328,7 @@ def scale_by_rms8bit(
     initial_scale: initial value of :math:`\nu`, >= 0.
     eps_in_sqrt: where ``eps`` goes, as in optax.
     bias_correction: divide by :math:`1-\rho^t`, as in optax.
-    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options (see
+    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: options (see
       :func:`scale_by_adam8bit`); per-label keys ``decay``, ``eps``, ``initial_scale``.
 
   Returns:
@@ -328,6 +355,8 @@ def scale_by_rms8bit(
       optim_bits=optim_bits,
       block_size=block_size,
       min_8bit_size=min_8bit_size,
+      skip_zeros=skip_zeros,
+      max_unorm=max_unorm,
       overrides=overrides,
       param_labels=param_labels,
   )
@@ -340,6 +369,8 @@ def scale_by_rss8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    skip_zeros: bool = False,
+    max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -354,7 +385,7 @@ def scale_by_rss8bit(
   Args:
     initial_accumulator_value: initial value of :math:`s`, >= 0.
     eps: >= 0.
-    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options (see
+    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: options (see
       :func:`scale_by_adam8bit`); per-label keys ``initial_accumulator_value``, ``eps``.
 
   Returns:
@@ -376,6 +407,8 @@ def scale_by_rss8bit(
       optim_bits=optim_bits,
       block_size=block_size,
       min_8bit_size=min_8bit_size,
+      skip_zeros=skip_zeros,
+      max_unorm=max_unorm,
       overrides=overrides,
       param_labels=param_labels,
   )
@@ -393,6 +426,8 @@ def scale_by_ademamix8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    skip_zeros: bool = False,
+    max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
     param_labels: labels_lib.LabelSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -414,7 +449,7 @@ def scale_by_ademamix8bit(
     eps: >= 0.
     eps_root: >= 0.
     mu_dtype: dtype of the two EMAs where they stay 32-bit (default float32).
-    optim_bits, block_size, min_8bit_size, overrides, param_labels: quantization options (see
+    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: options (see
       :func:`scale_by_adam8bit`); per-label keys ``b1``, ``b2``, ``b3``, ``alpha``, ``eps``,
       ``eps_root``.
 
@@ -444,6 +479,8 @@ def scale_by_ademamix8bit(
       optim_bits=optim_bits,
       block_size=block_size,
       min_8bit_size=min_8bit_size,
+      skip_zeros=skip_zeros,
+      max_unorm=max_unorm,
       overrides=overrides,
       param_labels=param_labels,
   )
