@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA kernel's checks on a machine with a CUDA GPU, in one run: build and install the
 # package with the CUDA kernel (no network needed: build dependencies must be installed), run
-# the GPU tests and the CPU kernel's tests, then the GPU benchmark, and bitsandbytes' step where
-# torch and bitsandbytes are installed. Every stage runs even when an earlier one fails, logs to
+# the GPU tests and the CPU kernel's tests, then the GPU benchmarks (the kernel's step, and
+# host-offloaded state's device memory and step time), and bitsandbytes' step where torch and
+# bitsandbytes are installed. Every stage runs even when an earlier one fails, logs to
 # $OUT/<stage>.log, and the summary at the end lists each stage's exit status and seconds
 # (about 5 minutes on an H200 machine with 16 cores).
 #
@@ -44,6 +45,8 @@ stage tests 240 "$PYTHON" -m pytest -p no:cacheprovider -o addopts= -q -rs --dur
 stage cpu_tests 120 env JAX_PLATFORMS=cpu "$PYTHON" -m pytest -p no:cacheprovider -o addopts= -q -rs \
   --rootdir=. tests/test_native.py
 stage benchmark 120 "$PYTHON" -m benchmarks.gpu_step
+# Host-offloaded state: the compiled step's device bytes and step time, offloaded and not.
+stage offload 180 "$PYTHON" -m benchmarks.offload --params 1e8 1e9
 # bitsandbytes' Adam8bit on the same GPU, where torch and bitsandbytes are installed.
 if "$PYTHON" -c "import bitsandbytes, torch" >/dev/null 2>&1; then
   stage bnb 60 "$PYTHON" -m benchmarks.bnb_step
@@ -55,4 +58,5 @@ cat "$OUT/env.log"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.log"
 grep -hE "passed|failed|error" "$OUT/tests.log" "$OUT/cpu_tests.log" 2>/dev/null | tail -n 6
 grep -hE "^target|kernel:" "$OUT/benchmark.log"
+grep -hE "offloading saves" "$OUT/offload.log" 2>/dev/null
 if [[ -f "$OUT/bnb.log" ]]; then tail -n 6 "$OUT/bnb.log"; fi

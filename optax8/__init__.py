@@ -21,6 +21,7 @@ from optax8._src.convert import convert_state
 from optax8._src.integrations import export_safety_checks, register_kernels
 from optax8._src.labels import default_labels
 from optax8._src.native import get_implementation, set_implementation
+from optax8._src.offload import offload
 from optax8._src.quantization import (
     SIGNED_MAP,
     UNSIGNED_MAP,
@@ -76,6 +77,7 @@ __all__ = [
     "lamb8bit",
     "lars8bit",
     "lion8bit",
+    "offload",
     "percentile_clipping",
     "quantize_blockwise",
     "register_kernels",

@@ -329,10 +329,11 @@ def non_scalar_collectives(hlo: str) -> list[str]:
 
 
 def update_options(implementation: str) -> dict:
-  """skip_zeros and max_unorm (both per label) on a sharded step: communication and bits."""
+  """skip_zeros, max_unorm and block_wise=False (per label) on a sharded step: communication and bits."""
   optax8.set_implementation(IMPLEMENTATIONS[implementation])
   tx = optax8.adamw8bit(1e-2, weight_decay=0.1, skip_zeros=True, max_unorm=0.02,
-                        overrides={"replicated": {"max_unorm": 0.0, "skip_zeros": False}})
+                        overrides={"replicated": {"max_unorm": 0.0, "skip_zeros": False},
+                                   "tensor_parallel": {"block_wise": False}})
   params, grads = host_params(PARAMS), sparse_grads(PARAMS)
   expected = train(jax.jit(step_fn(tx)), params, tx.init(params), grads)
   results = {}

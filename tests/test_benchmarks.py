@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from benchmarks import compile_time, gpu_step, memory, step_time
+from benchmarks import compile_time, gpu_step, memory, offload, step_time
 
 
 def test_step_time_prints_every_variant_with_ratios(capsys):
@@ -38,3 +38,13 @@ def test_gpu_benchmark_code_runs_on_the_cpu_kernel():
   assert result.uses_kernel and result.kernel_bytes > 0 and result.copy > 0
   text = gpu_step.tables([result])
   assert "target: adam8bit step" in text and "x copy" in text
+
+
+def test_offload_benchmark_compiles_and_times_both_steps(capsys):
+  # The GPU stage's own code, at a size where every matrix (62 x 4096) reaches min_size.
+  offload.main(["--params", "1e6", "--warmup", "0", "--steps", "1"])
+  rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("1M")]
+  assert [row[1] for row in rows[:2]] == ["adamw8bit", "offload(adamw8bit)"]
+  assert rows[0][5] == "0" and rows[1][5] == "16"  # host arrays: 4 matrices x 2 moments x (codes, absmax)
+  assert all(float(row[2]) > 0 and float(row[-2]) > 0 for row in rows[:2])
+  assert rows[2][1:3] == ["offloading", "saves"]

@@ -73,9 +73,14 @@ def plain_run(tx, steps):
   return params, state
 
 
+# The default, and the options that change the update or the scale layout.
+NNX_OPTIONS = {"default": {}, "bnb_options": {"block_wise": False, "skip_zeros": True, "max_unorm": 0.5}}
+
+
+@pytest.mark.parametrize("options", NNX_OPTIONS.values(), ids=NNX_OPTIONS)
 @pytest.mark.parametrize("make_optimizer", ["Optimizer", "ModelAndOptimizer"])
-def test_nnx_optimizer_trains_like_plain_optax8(make_optimizer):
-  tx = optax8.adamw8bit(1e-2)
+def test_nnx_optimizer_trains_like_plain_optax8(make_optimizer, options):
+  tx = optax8.adamw8bit(1e-2, **options)
   model = MLP(nnx.Rngs(0))
   if make_optimizer == "Optimizer":
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -150,6 +155,13 @@ def test_flax_serialization_round_trips_and_refuses_other_quantization_options()
   other = linen_state(optax8.adam8bit(1e-3, block_size=200), params)  # the same absmax shape (16, 2)
   with pytest.raises(ValueError, match="saved with block_size=256.*target has block_size=200"):
     serialization.from_bytes(other, serialization.to_bytes(state))
+  tensor_wise = linen_state(optax8.adam8bit(1e-3, block_wise=False), params)
+  with pytest.raises(ValueError, match="saved with block_size=256.*target has block_size=None"):
+    serialization.from_bytes(tensor_wise, serialization.to_bytes(state))
+  tensor_wise = tensor_wise.apply_gradients(grads=jax.tree.map(lambda p: jnp.full_like(p, 0.5), params))
+  restored = serialization.from_bytes(linen_state(optax8.adam8bit(1e-3, block_wise=False), params),
+                                      serialization.to_bytes(tensor_wise))
+  assert_trees_equal(restored.opt_state, tensor_wise.opt_state)
 
 
 def test_orbax_refuses_a_state_saved_with_another_block_size(tmp_path):

@@ -126,10 +126,10 @@ def test_last_axis_split_into_partial_blocks_trains_bit_identically(mode, implem
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("mode", list(worker.MODES))
-def test_skip_zeros_and_max_unorm_add_only_scalar_all_reduces_under_sharding(mode, implementation):
+def test_skip_zeros_max_unorm_and_tensor_wise_scales_add_only_scalar_all_reduces_under_sharding(mode, implementation):
   facts = measured("update_options", implementation)[mode]
   assert not facts["non_scalar_collectives"], facts
-  assert 1 <= facts["all_reduces"], facts  # max_unorm's norms of sharded tensors
+  assert 1 <= facts["all_reduces"], facts  # max_unorm's norms and the tensor-wise absmax of sharded tensors
   assert not facts["state_differs_from_one_device"]
   assert facts["params_max_relative_difference"] < 1e-6
   assert facts["custom_call"] == (implementation == "native" and native._kernel_usable())

@@ -40,6 +40,7 @@ def adam8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    block_wise: bool = True,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -53,7 +54,8 @@ def adam8bit(
   Args:
     learning_rate: a float or an optax schedule.
     b1, b2, eps, eps_root, mu_dtype, nesterov: as in :func:`optax.adam`.
-    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: see
+    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+      param_labels: see
       :func:`optax8.scale_by_adam8bit`.
 
   Returns:
@@ -73,8 +75,8 @@ def adam8bit(
   return optax.chain(
       transform.scale_by_adam8bit(
           b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, optim_bits=optim_bits,
-          block_size=block_size, min_8bit_size=min_8bit_size, skip_zeros=skip_zeros, max_unorm=max_unorm,
-          overrides=overrides, param_labels=param_labels,
+          block_size=block_size, min_8bit_size=min_8bit_size, block_wise=block_wise,
+          skip_zeros=skip_zeros, max_unorm=max_unorm, overrides=overrides, param_labels=param_labels,
       ),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -94,6 +96,7 @@ def adamw8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    block_wise: bool = True,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -110,7 +113,8 @@ def adamw8bit(
     b1, b2, eps, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
     weight_decay: :math:`\lambda`, >= 0 (default 1e-4, optax's).
     mask: which parameters decay, as in :func:`optax.adamw`.
-    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: see
+    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+      param_labels: see
       :func:`optax8.scale_by_adam8bit`.
 
   Returns:
@@ -127,8 +131,8 @@ def adamw8bit(
   return optax.chain(
       transform.scale_by_adam8bit(
           b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, optim_bits=optim_bits,
-          block_size=block_size, min_8bit_size=min_8bit_size, skip_zeros=skip_zeros, max_unorm=max_unorm,
-          overrides=overrides, param_labels=param_labels,
+          block_size=block_size, min_8bit_size=min_8bit_size, block_wise=block_wise,
+          skip_zeros=skip_zeros, max_unorm=max_unorm, overrides=overrides, param_labels=param_labels,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -144,6 +148,7 @@ def sgd8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    block_wise: bool = True,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -160,7 +165,8 @@ def sgd8bit(
     momentum: the momentum decay in [0, 1), or ``None`` for none.
     nesterov: use Nesterov momentum.
     accumulator_dtype: dtype of the trace where it stays 32-bit (default float32).
-    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: see
+    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+      param_labels: see
       :func:`optax8.scale_by_adam8bit`.
 
   Returns:
@@ -182,8 +188,8 @@ def sgd8bit(
   return optax.chain(
       transform.trace8bit(
           momentum, nesterov, accumulator_dtype, optim_bits=optim_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, skip_zeros=skip_zeros, max_unorm=max_unorm, overrides=overrides,
-          param_labels=param_labels,
+          min_8bit_size=min_8bit_size, block_wise=block_wise, skip_zeros=skip_zeros,
+          max_unorm=max_unorm, overrides=overrides, param_labels=param_labels,
       ),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -200,6 +206,7 @@ def lion8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    block_wise: bool = True,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -215,7 +222,8 @@ def lion8bit(
     b1, b2, mu_dtype: as in :func:`optax.lion`.
     weight_decay: >= 0 (default 1e-3, optax's).
     mask: which parameters decay.
-    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: see
+    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+      param_labels: see
       :func:`optax8.scale_by_adam8bit`.
 
   Returns:
@@ -232,8 +240,8 @@ def lion8bit(
   return optax.chain(
       transform.scale_by_lion8bit(
           b1, b2, mu_dtype, optim_bits=optim_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, skip_zeros=skip_zeros, max_unorm=max_unorm, overrides=overrides,
-          param_labels=param_labels,
+          min_8bit_size=min_8bit_size, block_wise=block_wise, skip_zeros=skip_zeros,
+          max_unorm=max_unorm, overrides=overrides, param_labels=param_labels,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -254,6 +262,7 @@ def rmsprop8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    block_wise: bool = True,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -273,7 +282,8 @@ def rmsprop8bit(
       :func:`optax.rmsprop`).
     momentum: momentum decay in [0, 1), or ``None``.
     nesterov: Nesterov momentum.
-    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: see
+    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+      param_labels: see
       :func:`optax8.scale_by_adam8bit`.
 
   Returns:
@@ -292,8 +302,8 @@ def rmsprop8bit(
         "for the centred variant."
     )
   quant = dict(
-      optim_bits=optim_bits, block_size=block_size, min_8bit_size=min_8bit_size, skip_zeros=skip_zeros,
-      param_labels=param_labels,
+      optim_bits=optim_bits, block_size=block_size, min_8bit_size=min_8bit_size, block_wise=block_wise,
+      skip_zeros=skip_zeros, param_labels=param_labels,
   )
   rms = transform.scale_by_rms8bit(
       decay, eps, initial_scale, eps_in_sqrt, bias_correction, max_unorm=max_unorm, overrides=overrides, **quant
@@ -321,6 +331,7 @@ def adagrad8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    block_wise: bool = True,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -333,7 +344,8 @@ def adagrad8bit(
   Args:
     learning_rate: a float or an optax schedule.
     initial_accumulator_value, eps: as in :func:`optax.adagrad`.
-    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: see
+    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+      param_labels: see
       :func:`optax8.scale_by_adam8bit`.
 
   Returns:
@@ -349,8 +361,8 @@ def adagrad8bit(
   return optax.chain(
       transform.scale_by_rss8bit(
           initial_accumulator_value, eps, optim_bits=optim_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, skip_zeros=skip_zeros, max_unorm=max_unorm, overrides=overrides,
-          param_labels=param_labels,
+          min_8bit_size=min_8bit_size, block_wise=block_wise, skip_zeros=skip_zeros,
+          max_unorm=max_unorm, overrides=overrides, param_labels=param_labels,
       ),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -371,6 +383,7 @@ def ademamix8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    block_wise: bool = True,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -386,7 +399,8 @@ def ademamix8bit(
     learning_rate: a float or an optax schedule.
     b1, b2, b3, alpha, eps, eps_root, mu_dtype, weight_decay, mask: as in
       :func:`optax.contrib.ademamix`.
-    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: see
+    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+      param_labels: see
       :func:`optax8.scale_by_adam8bit`.
 
   Returns:
@@ -403,8 +417,8 @@ def ademamix8bit(
   return optax.chain(
       transform.scale_by_ademamix8bit(
           b1, b2, b3, alpha, eps, eps_root, mu_dtype, optim_bits=optim_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, skip_zeros=skip_zeros, max_unorm=max_unorm, overrides=overrides,
-          param_labels=param_labels,
+          min_8bit_size=min_8bit_size, block_wise=block_wise, skip_zeros=skip_zeros,
+          max_unorm=max_unorm, overrides=overrides, param_labels=param_labels,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -423,6 +437,7 @@ def lamb8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    block_wise: bool = True,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -437,7 +452,8 @@ def lamb8bit(
   Args:
     learning_rate: a float or an optax schedule.
     b1, b2, eps, eps_root, weight_decay, mask: as in :func:`optax.lamb`.
-    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: see
+    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+      param_labels: see
       :func:`optax8.scale_by_adam8bit`.
 
   Returns:
@@ -454,8 +470,8 @@ def lamb8bit(
   return optax.chain(
       transform.scale_by_adam8bit(
           b1, b2, eps, eps_root, optim_bits=optim_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, skip_zeros=skip_zeros, max_unorm=max_unorm, overrides=overrides,
-          param_labels=param_labels,
+          min_8bit_size=min_8bit_size, block_wise=block_wise, skip_zeros=skip_zeros,
+          max_unorm=max_unorm, overrides=overrides, param_labels=param_labels,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_trust_ratio(),
@@ -476,6 +492,7 @@ def lars8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    block_wise: bool = True,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -491,7 +508,8 @@ def lars8bit(
     learning_rate: a float or an optax schedule.
     weight_decay, weight_decay_mask, trust_coefficient, eps, trust_ratio_mask, momentum,
       nesterov: as in :func:`optax.lars`.
-    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: see
+    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+      param_labels: see
       :func:`optax8.scale_by_adam8bit`.
 
   Returns:
@@ -514,7 +532,7 @@ def lars8bit(
       optax.scale_by_learning_rate(learning_rate),
       transform.trace8bit(
           momentum, nesterov, optim_bits=optim_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, skip_zeros=skip_zeros, max_unorm=max_unorm, overrides=overrides,
-          param_labels=param_labels,
+          min_8bit_size=min_8bit_size, block_wise=block_wise, skip_zeros=skip_zeros,
+          max_unorm=max_unorm, overrides=overrides, param_labels=param_labels,
       ),
   )

@@ -53,7 +53,7 @@ def _convert_node(src: Any, like: Any) -> Any:
   for name in like._fields:
     if name in _COUNTS:
       count = src.count if "count" in src._fields else getattr(like, name)  # (tuple.count is a method)
-      fields[name] = jnp.asarray(count, jnp.asarray(getattr(like, name)).dtype)
+      fields[name] = jnp.asarray(count, jnp.result_type(getattr(like, name)))  # like may be abstract
     elif name in src._fields:
       fields[name] = jax.tree.map(_moment_like, getattr(src, name), getattr(like, name), is_leaf=qz.is_quantized)
     else:

@@ -215,6 +215,9 @@ def box_like(param: Any, moment: Any, label: str) -> Any:
   names = _names(param)
   if names is None:
     absmax = rebox(param, moment.absmax)
+  elif moment.block_size is None:  # one absmax for the tensor, replicated
+    absmax = param.copy(moment.absmax, out_sharding=()) if _is_instance(param, _nnx_variable_type()) else (
+        param.replace(value=moment.absmax, names=()))
   elif type(param) in (_linen_metadata_type("Partitioned"), _linen_partitioned_type("LogicallyPartitioned")):
     fields = {f.name: getattr(param, f.name) for f in dataclasses.fields(param)} | {"value": moment.absmax}
     absmax = _absmax_partitioned(type(param))(
@@ -345,12 +348,12 @@ def register_kernels() -> list[str]:
   return native._kernel_platforms()
 
 
-def _serialize_quantized(auxdata: tuple[int, bool]) -> bytes:
+def _serialize_quantized(auxdata: tuple[int | None, bool]) -> bytes:
   block_size, signed = auxdata
-  return json.dumps({"block_size": int(block_size), "signed": bool(signed)}).encode()
+  return json.dumps({"block_size": None if block_size is None else int(block_size), "signed": bool(signed)}).encode()
 
 
-def _deserialize_quantized(data: bytes) -> tuple[int, bool]:
+def _deserialize_quantized(data: bytes) -> tuple[int | None, bool]:
   try:
     fields = json.loads(data)
   except ValueError:
@@ -358,10 +361,10 @@ def _deserialize_quantized(data: bytes) -> tuple[int, bool]:
   if not isinstance(fields, dict) or set(fields) != {"block_size", "signed"}:
     fields = {}
   block_size, signed = fields.get("block_size"), fields.get("signed")
-  if type(block_size) is not int or block_size <= 0 or type(signed) is not bool:
+  if not (block_size is None or (type(block_size) is int and block_size > 0)) or type(signed) is not bool:
     raise ValueError(
         f"optax8: cannot deserialize an optax8.QuantizedArray from {data!r}: expected a JSON object of an int "
-        "block_size > 0 and a bool signed (was the function exported by a newer optax8?)."
+        "block_size > 0 (or null) and a bool signed (was the function exported by a newer optax8?)."
     )
   # The function may call the kernel: register it before XLA compiles the function.
   native._kernel_platforms()

@@ -84,16 +84,20 @@ def schedule_or(check: Validator) -> Validator:
   return validate
 
 
-class _Traced:
-  """An integer option that ``optax.inject_hyperparams`` passes traced, from its state, to ``update``."""
+class _Sentinel:
+  def __init__(self, name: str):
+    self.name = name
 
   def __repr__(self) -> str:
-    return "<traced>"
+    return f"<{self.name}>"
 
 
+# An integer option that ``optax.inject_hyperparams`` passes traced, from its state, to ``update``.
 # The options' values then are the ones ``init`` was given, which the state's structure records
 # (each moment's bits and block size), so ``update`` reads them from the state.
-TRACED = _Traced()
+TRACED = _Sentinel("traced")
+# A parameter whose moments stay float32 (see _layout).
+FLOAT32 = _Sentinel("float32")
 
 
 def _check_int(name: str, value: Any, ok: Callable[[int], bool], allowed: str) -> None:
@@ -103,7 +107,7 @@ def _check_int(name: str, value: Any, ok: Callable[[int], bool], allowed: str) -
     raise ValueError(f"{name} must be {allowed}, got {value}.")
 
 
-def _int_option(name: str, value: Any, default: int, check: Validator) -> int | _Traced:
+def _int_option(name: str, value: Any, default: int, check: Validator) -> int | _Sentinel:
   """An integer quantization option as a Python int (``None``: ``default``), or :data:`TRACED`.
 
   ``optax.inject_hyperparams`` hands integer options over as integer arrays: concrete ones
@@ -136,6 +140,7 @@ QUANT_VALIDATORS: dict[str, Validator] = {
     "optim_bits": check_optim_bits,
     "block_size": check_block_size,
     "min_8bit_size": check_min_8bit_size,
+    "block_wise": check_bool,
 }
 # Options of the update itself (None for max_unorm: off, and static under inject_hyperparams).
 UPDATE_VALIDATORS: dict[str, Validator] = {"skip_zeros": check_bool, "max_unorm": check_non_negative}
@@ -149,8 +154,9 @@ def _check_param_dtype(label: str, dtype: Any) -> None:
     )
 
 
-def _block_size_if_quantized(shape: tuple[int, ...], options: Mapping[str, Any]) -> int | None | _Traced:
-  """The block size of a parameter's 8-bit moments, ``None`` where they stay 32-bit.
+def _layout(shape: tuple[int, ...], options: Mapping[str, Any]) -> int | None | _Sentinel:
+  """How a parameter's moments are stored: the block size of its 8-bit moments (``None``: one
+  absmax for the tensor, ``block_wise=False``), or :data:`FLOAT32`.
 
   Scalars and empty parameters stay 32-bit. :data:`TRACED` where an option that decides it is.
   """
@@ -158,7 +164,9 @@ def _block_size_if_quantized(shape: tuple[int, ...], options: Mapping[str, Any])
     return TRACED
   size = math.prod(shape)
   quantize = options["optim_bits"] == 8 and len(shape) >= 1 and size > 0 and size >= options["min_8bit_size"]
-  return options["block_size"] if quantize else None
+  if not quantize:
+    return FLOAT32
+  return options["block_size"] if options["block_wise"] else None
 
 
 def _init_moment(
@@ -166,14 +174,14 @@ def _init_moment(
 ) -> Any:
   """A moment of ``param``, placed like it (and typed like it under sharding-in-types)."""
   shape = tuple(jnp.shape(param))
-  block_size = _block_size_if_quantized(shape, options)
+  block_size = _layout(shape, options)
   if block_size is TRACED:
     raise TypeError(
         f"optax8: the quantization options of {label!r} are traced while the state is initialised "
         f"({ {k: options[k] for k in QUANT_VALIDATORS} }); they decide the state's structure, so pass Python ints."
     )
   sharding = sharding_lib.named_sharding_of(param)
-  if block_size is None:
+  if block_size is FLOAT32:
     return jax.lax.full(shape, initial, dtype or jnp.float32, sharding=sharding)
   absmax_sharding = sharding and sharding.update(
       spec=sharding_lib.absmax_spec(label, sharding.spec, shape, block_size, sharding.mesh)
@@ -183,8 +191,10 @@ def _init_moment(
   )
 
 
-def _describe(block_size: int | None) -> str:
-  return "32-bit state" if block_size is None else f"8-bit state of block size {block_size}"
+def _describe(layout: int | None | _Sentinel) -> str:
+  if layout is FLOAT32:
+    return "32-bit state"
+  return "8-bit state with one absmax per tensor" if layout is None else f"8-bit state of block size {layout}"
 
 
 def reference_leaf_update(
@@ -253,6 +263,7 @@ def moment_transform(
     optim_bits: int | None,
     block_size: int | None,
     min_8bit_size: int | None,
+    block_wise: bool = True,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None,
@@ -272,6 +283,7 @@ def moment_transform(
     block_size: default quantization block size (``None``: 256).
     min_8bit_size: parameters with fewer elements (global size) keep 32-bit state
       (``None``: 4096).
+    block_wise: ``False`` for one absmax per tensor instead of one per block.
     skip_zeros: leave elements with an exactly zero gradient alone (moments and update).
     max_unorm: clip each update's norm to ``max_unorm`` times its parameter's norm
       (``None`` or 0: off); the update then needs ``params``.
@@ -284,13 +296,14 @@ def moment_transform(
   min_8bit_size = _int_option("min_8bit_size", min_8bit_size, DEFAULT_MIN_8BIT_SIZE, check_min_8bit_size)
   for name, value in hyperparams.items():
     validators[name](name, value)
+  check_bool("block_wise", block_wise)
   check_bool("skip_zeros", skip_zeros)
   if max_unorm is not None:
     check_non_negative("max_unorm", max_unorm)
   overrides = labels_lib.validate_overrides(overrides, {**QUANT_VALIDATORS, **UPDATE_VALIDATORS, **validators})
   defaults = {
       **hyperparams, "optim_bits": optim_bits, "block_size": block_size, "min_8bit_size": min_8bit_size,
-      "skip_zeros": bool(skip_zeros), "max_unorm": max_unorm,
+      "block_wise": bool(block_wise), "skip_zeros": bool(skip_zeros), "max_unorm": max_unorm,
   }
   fields = tuple(state_cls._fields)
   has_count = fields[0] == "count"
@@ -359,8 +372,8 @@ def moment_transform(
               f"{state_cls.__name__}.{field} for {label!r} has shape {tuple(leaves[i].shape)}, "
               f"but its update has shape {tuple(g.shape)}."
           )
-        held = leaves[i].block_size if qz.is_quantized(leaves[i]) else None
-        expected = _block_size_if_quantized(tuple(g.shape), options[i])
+        held = leaves[i].block_size if qz.is_quantized(leaves[i]) else FLOAT32
+        expected = _layout(tuple(g.shape), options[i])
         if expected is not TRACED and held != expected:
           raise ValueError(
               f"{state_cls.__name__}.{field} for {label!r} holds {_describe(held)}, but this "

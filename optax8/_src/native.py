@@ -267,6 +267,7 @@ def _kernel_applies(family: Any, static: Mapping[str, Any], g: jax.Array, moment
       and all(qz.is_quantized(m) for m in moments)
       and tuple(m.signed for m in moments) == tuple(family.signed)
       and len({m.block_size for m in moments}) == 1
+      and moments[0].block_size is not None  # one absmax per tensor: a two-pass update, the reference's
       and jnp.dtype(g.dtype) in KERNEL_DTYPES
   )
 

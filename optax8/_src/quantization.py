@@ -9,6 +9,9 @@ last axis (the last block of a row may be short). Each block ``b`` stores one fl
 
 The codes keep the tensor's shape and ``absmax`` keeps its rank, so both can be sharded with
 the tensor's own ``PartitionSpec``.
+
+``block_size=None`` is the tensor-wise variant of the scale layout (bitsandbytes' original
+``block_wise=False``): one float32 ``absmax = max |s|`` of shape ``()`` for the whole tensor.
 """
 
 from __future__ import annotations
@@ -86,8 +89,10 @@ def num_blocks(n: int, block_size: int) -> int:
   return -(-n // block_size)
 
 
-def absmax_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
-  """Shape of the per-block absmax for a tensor of ``shape`` (rank >= 1)."""
+def absmax_shape(shape: tuple[int, ...], block_size: int | None) -> tuple[int, ...]:
+  """Shape of the absmax for a tensor of ``shape`` (rank >= 1): per block, or ``()`` for ``None``."""
+  if block_size is None:
+    return ()
   return tuple(shape[:-1]) + (num_blocks(shape[-1], block_size),)
 
 
@@ -98,20 +103,23 @@ class QuantizedArray:
   A registered pytree: ``codes`` and ``absmax`` are its leaves; ``block_size`` and ``signed``
   (which dynamic map) are static and live in the tree structure, so two states with other
   block sizes or maps never unify, and ``jax.eval_shape`` describes one exactly. The leaves'
-  key paths carry the static facts too (``codes_signed``, ``absmax_block256``): checkpoints
-  name arrays by path (Orbax, ``nnx.State``), so restoring one into a target with another
-  block size or map fails on the names instead of decoding codes wrongly.
+  key paths carry the static facts too (``codes_signed``, ``absmax_block256``, or
+  ``absmax_tensor`` for one scale per tensor): checkpoints name arrays by path (Orbax,
+  ``nnx.State``), so restoring one into a target with another block size or map fails on the
+  names instead of decoding codes wrongly.
 
   Attributes:
     codes: ``uint8[shape]``, one code per element.
-    absmax: ``float32[shape[:-1] + (ceil(shape[-1] / block_size),)]``.
-    block_size: elements per block along the last axis.
+    absmax: ``float32[shape[:-1] + (ceil(shape[-1] / block_size),)]``, or ``float32[]`` when
+      ``block_size`` is ``None``.
+    block_size: elements per block along the last axis, or ``None`` for one block holding the
+      whole tensor (bitsandbytes' ``block_wise=False``).
     signed: ``True`` for the signed dynamic map, ``False`` for the unsigned one.
   """
 
   codes: jax.Array
   absmax: jax.Array
-  block_size: int
+  block_size: int | None
   signed: bool
 
   @property
@@ -126,7 +134,7 @@ class QuantizedArray:
   def full(
       cls,
       shape: tuple[int, ...],
-      block_size: int,
+      block_size: int | None,
       signed: bool,
       value: float = 0.0,
       *,
@@ -151,7 +159,7 @@ class QuantizedArray:
 
 def _keyed_children(q: QuantizedArray) -> tuple[tuple[tuple[jax.tree_util.GetAttrKey, jax.Array], ...], tuple]:
   codes_key = jax.tree_util.GetAttrKey("codes_signed" if q.signed else "codes_unsigned")
-  absmax_key = jax.tree_util.GetAttrKey(f"absmax_block{q.block_size}")
+  absmax_key = jax.tree_util.GetAttrKey("absmax_tensor" if q.block_size is None else f"absmax_block{q.block_size}")
   return ((codes_key, q.codes), (absmax_key, q.absmax)), (q.block_size, q.signed)
 
 
@@ -163,11 +171,13 @@ jax.tree_util.register_pytree_with_keys(
 )
 
 
-def _check_block_size(block_size: int) -> None:
+def _check_block_size(block_size: int | None) -> None:
+  if block_size is None:
+    return
   if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
     raise TypeError(
-        f"block_size must be a Python int (a static value), got {block_size!r} of type "
-        f"{type(block_size).__name__}."
+        f"block_size must be a Python int (a static value) or None (one absmax for the tensor), got "
+        f"{block_size!r} of type {type(block_size).__name__}."
     )
   if block_size <= 0:
     raise ValueError(f"block_size must be a positive int, got {block_size}.")
@@ -275,7 +285,7 @@ def encode(x: jax.Array, signed: bool) -> jax.Array:
   return codes.astype(jnp.uint8)
 
 
-def quantize_blockwise(x: jax.Array, block_size: int = 256, *, signed: bool = True) -> QuantizedArray:
+def quantize_blockwise(x: jax.Array, block_size: int | None = 256, *, signed: bool = True) -> QuantizedArray:
   """Quantizes ``x`` blockwise along its last axis.
 
   ``absmax`` is each block's largest magnitude; the codes are the nearest map entries of
@@ -285,7 +295,8 @@ def quantize_blockwise(x: jax.Array, block_size: int = 256, *, signed: bool = Tr
   Args:
     x: a floating array of rank >= 1 (float32, bfloat16, float16, or float64 under
       ``jax_enable_x64``; computed in float32).
-    block_size: elements per block along the last axis (a static positive int).
+    block_size: elements per block along the last axis (a static positive int), or ``None``
+      for one absmax of the whole tensor.
     signed: use the signed dynamic map (for values of either sign) or the unsigned one
       (for values >= 0).
 
@@ -304,13 +315,16 @@ def quantize_blockwise(x: jax.Array, block_size: int = 256, *, signed: bool = Tr
     raise TypeError(f"quantize_blockwise needs a floating array, got dtype {x.dtype}.")
   if x.ndim == 0:
     raise ValueError("quantize_blockwise needs an array of rank >= 1, got a scalar.")
-  n = x.shape[-1]
-  blocks = _blocked(x.astype(jnp.float32), block_size)
+  x = x.astype(jnp.float32)
+  if block_size is None:  # one block: the whole tensor, without reshaping a sharded array
+    absmax = jnp.max(jnp.abs(x), initial=0.0)
+    return QuantizedArray(encode(x * (1 / jnp.where(absmax == 0, 1.0, absmax)), signed), absmax, None, bool(signed))
+  blocks = _blocked(x, block_size)
   absmax = jnp.max(jnp.abs(blocks), axis=-1, initial=0.0)
   scale = jnp.where(absmax == 0, 1.0, absmax)[..., None]
   # x / absmax as XLA computes it in most programs; written out to be the same in all.
   codes = encode(blocks * (1 / scale), signed)
-  return QuantizedArray(_unblocked(codes, n), absmax, int(block_size), bool(signed))
+  return QuantizedArray(_unblocked(codes, x.shape[-1]), absmax, int(block_size), bool(signed))
 
 
 def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
@@ -323,16 +337,20 @@ def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
     >>> [round(float(v), 3) for v in y]
     [0.495, -0.242, 0.0, 2.0]
   """
-  n = q.codes.shape[-1]
+  if q.block_size is None:
+    return _lookup(q.qmap, q.codes.astype(jnp.int32)) * q.absmax
   values = _lookup(q.qmap, _blocked(q.codes, q.block_size).astype(jnp.int32))
-  return _unblocked(values * q.absmax[..., None], n)
+  return _unblocked(values * q.absmax[..., None], q.codes.shape[-1])
 
 
 def keep_untouched_blocks(new: QuantizedArray, old: QuantizedArray, touched: jax.Array) -> QuantizedArray:
   """``new``, except that each block with no ``touched`` element keeps ``old``'s codes and absmax."""
-  block_touched = jnp.any(_blocked(touched, new.block_size), axis=-1)
-  n = new.codes.shape[-1]
-  codes_touched = _unblocked(jnp.broadcast_to(block_touched[..., None], block_touched.shape + (new.block_size,)), n)
+  if new.block_size is None:
+    block_touched = codes_touched = jnp.any(touched)
+  else:
+    blocks = _blocked(touched, new.block_size)
+    block_touched = jnp.any(blocks, axis=-1)
+    codes_touched = _unblocked(jnp.broadcast_to(block_touched[..., None], blocks.shape), new.codes.shape[-1])
   return dataclasses.replace(
       new,
       codes=jnp.where(codes_touched, new.codes, old.codes),

@@ -22,6 +22,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from optax8._src import labels as labels_lib
+from optax8._src import offload as offload_lib
 from optax8._src import quantization as qz
 
 __all__ = [
@@ -98,13 +99,17 @@ def _warn_partial_blocks(label: str, shape: tuple[int, ...], block_size: int, pi
   )
 
 
-def absmax_spec(label: str, spec: PartitionSpec, shape: tuple[int, ...], block_size: int, mesh: Any) -> PartitionSpec:
+def absmax_spec(
+    label: str, spec: PartitionSpec, shape: tuple[int, ...], block_size: int | None, mesh: Any
+) -> PartitionSpec:
   """The ``PartitionSpec`` of the absmax of a parameter sharded by ``spec``.
 
   The parameter's own, unless its last axis is cut into pieces that are not whole blocks:
   then that axis is unsharded, and a warning (once per parameter) names ``label`` and a block
-  size that would fit.
+  size that would fit. One absmax for the tensor (``block_size`` ``None``) is replicated.
   """
+  if block_size is None:
+    return PartitionSpec()
   if _whole_blocks(spec, shape, block_size, mesh):
     return spec
   _warn_partial_blocks(label, shape, block_size, _last_axis_pieces(spec, shape, mesh))
@@ -118,15 +123,16 @@ def in_whole_blocks(
 
   With an Explicit mesh every moment takes ``g``'s sharding, except that a last axis cut
   into pieces that are not whole blocks is gathered first; the results come back with the
-  operands' own types, so the state's types never change. Elsewhere (Auto mode, one device)
-  XLA places the operands and this is ``update(g, moments, *args)``.
+  operands' own types, so the state's types never change (a tensor's one absmax stays
+  replicated). Elsewhere (Auto mode, one device) XLA places the operands and this is
+  ``update(g, moments, *args)``.
   """
   sharding = jax.typeof(g).sharding
   if AxisType.Explicit not in sharding.mesh.axis_types:
     return update(g, list(moments), *args)
   block_size = next((m.block_size for m in moments if qz.is_quantized(m)), None)
   spec = _update_spec(sharding.spec, g.shape, block_size, sharding.mesh)
-  to = lambda x, spec: jax.sharding.reshard(x, NamedSharding(sharding.mesh, spec))
+  to = lambda x, spec: jax.sharding.reshard(x, NamedSharding(sharding.mesh, spec if jnp.ndim(x) else PartitionSpec()))
   new_g, new = update(to(g, spec), [jax.tree.map(lambda x: to(x, spec), m) for m in moments], *args)
   back = lambda after, before: to(after, jax.typeof(before).sharding.spec)
   return back(new_g, g), [jax.tree.map(back, after, before) for after, before in zip(new, moments)]
@@ -219,7 +225,14 @@ def _fits(leaf: Any, spec: Spec) -> bool:
   return shape is not None and len(spec) <= len(shape)
 
 
-def state_sharding(abstract_state: Any, params_sharding: Any, *, mesh: Any = None) -> Any:
+def state_sharding(
+    abstract_state: Any,
+    params_sharding: Any,
+    *,
+    mesh: Any = None,
+    memory_kind: str | None = None,
+    min_size: int = offload_lib.DEFAULT_MIN_SIZE,
+) -> Any:
   """The optimizer state's shardings, derived from the parameters' ones.
 
   Walks the state (from ``jax.eval_shape(tx.init, params)``): every subtree with the
@@ -243,6 +256,15 @@ def state_sharding(abstract_state: Any, params_sharding: Any, *, mesh: Any = Non
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
     state = orbax.checkpoint.StandardCheckpointer().restore(path, target)
 
+  For a state offloaded with :func:`optax8.offload`, pass its ``memory_kind`` (and its
+  ``min_size``, if not the default): the leaves it keeps in host memory get shardings in that
+  memory kind, by the rule ``offload`` applies, so ``jax.jit(tx.init, out_shardings=...)``
+  and an Orbax restore put them straight into host memory::
+
+    tx = optax8.offload(optax8.adamw8bit(1e-3))
+    shardings = optax8.state_sharding(
+        jax.eval_shape(tx.init, params), params_sharding, memory_kind="pinned_host")
+
   With Flax, take the params' specs from their partitioning metadata
   (``nn.with_partitioning``, ``nnx.with_partitioning``, or logical axis names)::
 
@@ -263,6 +285,11 @@ def state_sharding(abstract_state: Any, params_sharding: Any, *, mesh: Any = Non
     mesh: the mesh (or ``AbstractMesh``) that ``PartitionSpec``\\ s refer to, by default the
       one set by ``jax.set_mesh``; only its axis sizes are read, to tell whether a sharded
       last axis splits into whole blocks (``NamedSharding``\\ s carry their own).
+    memory_kind: ``None`` (the default) leaves memory kinds alone; otherwise the memory kind of
+      the leaves :func:`optax8.offload` keeps in host memory (with ``params_sharding`` of
+      ``NamedSharding``\\ s: a ``PartitionSpec`` has no memory kind).
+    min_size: ``optax8.offload``'s ``min_size``: with ``memory_kind``, leaves with at least that
+      many elements (a ``QuantizedArray``'s codes, which moves whole) get it.
 
   Returns:
     A tree with the state's structure holding ``NamedSharding``\\ s, or ``PartitionSpec``\\ s
@@ -285,6 +312,15 @@ def state_sharding(abstract_state: Any, params_sharding: Any, *, mesh: Any = Non
   for x in shardings:
     if not _is_spec(x):
       raise TypeError(f"params_sharding must hold NamedShardings or PartitionSpecs, got {x!r}.")
+  offload_lib.check_min_size(min_size)
+  if memory_kind is not None:
+    offload_lib.check_memory_kind(memory_kind)
+    for x in shardings:
+      if not isinstance(x, NamedSharding):
+        raise ValueError(
+            f"state_sharding: memory_kind={memory_kind!r} needs params_sharding of NamedShardings, got {x!r} "
+            "(a PartitionSpec has no memory kind)."
+        )
   named = [x for x in shardings if isinstance(x, NamedSharding)]
   replicated = NamedSharding(named[0].mesh, PartitionSpec()) if named else PartitionSpec()
   labels = labels_lib.resolve_labels(params_sharding, None) if shardings else []
@@ -297,7 +333,7 @@ def state_sharding(abstract_state: Any, params_sharding: Any, *, mesh: Any = Non
     if isinstance(sharding, NamedSharding):
       return sharding.update(spec=absmax_spec(label, sharding.spec, q.shape, q.block_size, sharding.mesh))
     axes = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-    if axes.empty and last_axis_names(sharding, q.shape):
+    if axes.empty and last_axis_names(sharding, q.shape) and q.block_size is not None:
       raise ValueError(
           f"state_sharding: {label!r} is sharded on its last axis by {sharding}; pass mesh= (or call it "
           "under jax.set_mesh) so that optax8 can tell whether its blocks split evenly."
@@ -313,4 +349,13 @@ def state_sharding(abstract_state: Any, params_sharding: Any, *, mesh: Any = Non
         for x, s, label in zip(leaves, shardings, labels)
     ])
 
-  return jax.tree.map(place, abstract_state, is_leaf=lambda node: qz.is_quantized(node) or is_params_shaped(node))
+  placed = jax.tree.map(place, abstract_state, is_leaf=lambda node: qz.is_quantized(node) or is_params_shaped(node))
+  if memory_kind is None:
+    return placed
+  in_memory = lambda s: s.with_memory_kind(memory_kind)
+  return jax.tree.map(
+      lambda leaf, s: jax.tree.map(in_memory, s) if offload_lib.is_offloaded(leaf, min_size) else s,
+      abstract_state,
+      placed,
+      is_leaf=qz.is_quantized,
+  )

@@ -8,6 +8,9 @@ quantization options, all keyword-only after ``*``:
   axis.
 * ``min_8bit_size`` (default 4096): parameters with fewer elements (their global size,
   whatever the sharding) keep float32 moments, as do scalars.
+* ``block_wise`` (default ``True``): ``False`` keeps one absmax per tensor instead of one per
+  block (bitsandbytes' original layout; the state's ``block_size`` is then ``None``). Its update
+  needs the tensor's maximum before encoding, so it runs the reference math on every platform.
 * ``skip_zeros`` (default ``False``): an element whose gradient is exactly zero keeps its
   moments (undecayed) and gets a zero update, bitsandbytes' lazy update for sparse gradients.
   An 8-bit block whose gradient is zero throughout keeps its codes and absmax bit for bit; an
@@ -113,6 +116,7 @@ def scale_by_adam8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    block_wise: bool = True,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -140,12 +144,13 @@ def scale_by_adam8bit(
     optim_bits: 8 (default), or 32 for float32 moments everywhere.
     block_size: quantization block size along the last axis (default 256).
     min_8bit_size: parameters with fewer elements keep float32 moments (default 4096).
+    block_wise: ``False`` for one absmax per tensor instead of one per block (default ``True``).
     skip_zeros: an element whose gradient is exactly zero keeps its moments and gets a zero
       update (bitsandbytes' ``skip_zeros``, for sparse gradients such as embeddings).
     max_unorm: clip each update tensor's norm to ``max_unorm`` times its parameter's norm
       (bitsandbytes' ``max_unorm``; ``None`` or 0: off); ``update`` then needs ``params``.
     overrides: per-label options: ``optim_bits``, ``block_size``, ``min_8bit_size``,
-      ``skip_zeros``, ``max_unorm``, ``b1``, ``b2``, ``eps``, ``eps_root``.
+      ``block_wise``, ``skip_zeros``, ``max_unorm``, ``b1``, ``b2``, ``eps``, ``eps_root``.
     param_labels: labels tree or callable (default: tree paths).
 
   Returns:
@@ -175,6 +180,7 @@ def scale_by_adam8bit(
       optim_bits=optim_bits,
       block_size=block_size,
       min_8bit_size=min_8bit_size,
+      block_wise=block_wise,
       skip_zeros=skip_zeros,
       max_unorm=max_unorm,
       overrides=overrides,
@@ -190,6 +196,7 @@ def trace8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    block_wise: bool = True,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -233,6 +240,7 @@ def trace8bit(
       optim_bits=optim_bits,
       block_size=block_size,
       min_8bit_size=min_8bit_size,
+      block_wise=block_wise,
       skip_zeros=skip_zeros,
       max_unorm=max_unorm,
       overrides=overrides,
@@ -248,6 +256,7 @@ def scale_by_lion8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    block_wise: bool = True,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -265,7 +274,8 @@ def scale_by_lion8bit(
     b1: interpolation between gradient and momentum for the update, in [0, 1).
     b2: decay of the momentum, in [0, 1).
     mu_dtype: dtype of the momentum where it stays 32-bit (default float32).
-    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: options (see
+    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+      param_labels: options (see
       :func:`scale_by_adam8bit`); per-label keys ``b1``, ``b2``.
 
   Returns:
@@ -288,6 +298,7 @@ def scale_by_lion8bit(
       optim_bits=optim_bits,
       block_size=block_size,
       min_8bit_size=min_8bit_size,
+      block_wise=block_wise,
       skip_zeros=skip_zeros,
       max_unorm=max_unorm,
       overrides=overrides,
@@ -305,6 +316,7 @@ def scale_by_rms8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    block_wise: bool = True,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -328,7 +340,8 @@ def scale_by_rms8bit(
     initial_scale: initial value of :math:`\nu`, >= 0.
     eps_in_sqrt: where ``eps`` goes, as in optax.
     bias_correction: divide by :math:`1-\rho^t`, as in optax.
-    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: options (see
+    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+      param_labels: options (see
       :func:`scale_by_adam8bit`); per-label keys ``decay``, ``eps``, ``initial_scale``.
 
   Returns:
@@ -355,6 +368,7 @@ def scale_by_rms8bit(
       optim_bits=optim_bits,
       block_size=block_size,
       min_8bit_size=min_8bit_size,
+      block_wise=block_wise,
       skip_zeros=skip_zeros,
       max_unorm=max_unorm,
       overrides=overrides,
@@ -369,6 +383,7 @@ def scale_by_rss8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    block_wise: bool = True,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -385,7 +400,8 @@ def scale_by_rss8bit(
   Args:
     initial_accumulator_value: initial value of :math:`s`, >= 0.
     eps: >= 0.
-    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: options (see
+    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+      param_labels: options (see
       :func:`scale_by_adam8bit`); per-label keys ``initial_accumulator_value``, ``eps``.
 
   Returns:
@@ -407,6 +423,7 @@ def scale_by_rss8bit(
       optim_bits=optim_bits,
       block_size=block_size,
       min_8bit_size=min_8bit_size,
+      block_wise=block_wise,
       skip_zeros=skip_zeros,
       max_unorm=max_unorm,
       overrides=overrides,
@@ -426,6 +443,7 @@ def scale_by_ademamix8bit(
     optim_bits: int | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    block_wise: bool = True,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -449,7 +467,8 @@ def scale_by_ademamix8bit(
     eps: >= 0.
     eps_root: >= 0.
     mu_dtype: dtype of the two EMAs where they stay 32-bit (default float32).
-    optim_bits, block_size, min_8bit_size, skip_zeros, max_unorm, overrides, param_labels: options (see
+    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+      param_labels: options (see
       :func:`scale_by_adam8bit`); per-label keys ``b1``, ``b2``, ``b3``, ``alpha``, ``eps``,
       ``eps_root``.
 
@@ -479,6 +498,7 @@ def scale_by_ademamix8bit(
       optim_bits=optim_bits,
       block_size=block_size,
       min_8bit_size=min_8bit_size,
+      block_wise=block_wise,
       skip_zeros=skip_zeros,
       max_unorm=max_unorm,
       overrides=overrides,
