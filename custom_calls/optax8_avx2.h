@@ -83,7 +83,10 @@ OPTAX8_HD void Encode8(Vec8 x, uint8_t* codes) {
   const __m256i entry = _mm256_i32gather_epi32(table.entry, index, 4);
   const __m256i position = _mm256_and_si256(_mm256_xor_si256(bits, sign), _mm256_set1_epi32(Table::kKeyMask));
   const __m256i above = _mm256_cmpgt_epi32(position, _mm256_and_si256(entry, _mm256_set1_epi32(0xFFFFFF)));
-  const __m256i code = _mm256_sub_epi32(_mm256_srli_epi32(entry, 24), above);  // above is 0 or -1
+  __m256i code = _mm256_sub_epi32(_mm256_srli_epi32(entry, 24), above);  // above is 0 or -1
+  if constexpr (!kSigned) {  // a positive x is never code 0 (see Encode)
+    code = _mm256_max_epi32(code, _mm256_srli_epi32(_mm256_cmpgt_epi32(bits, _mm256_setzero_si256()), 31));
+  }
   const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(codes), _mm_packus_epi16(words, words));
 }

@@ -330,8 +330,12 @@ OPTAX8_HD const auto& EncodeTableFor() {
 }
 
 // The code of x = value / absmax: its nearest map entry (ties to the lower code; the same as
-// #{k : t[k] < x}), with bitsandbytes' sign fix for the signed map. Exact for every float in
-// [-1, 1] and NaN. Signed 32-bit arithmetic throughout, which vectorizes best.
+// #{k : t[k] < x}), with bitsandbytes' sign fix for the signed map, and for the unsigned map its
+// counterpart: a positive x never encodes as zero (code 0), but as the smallest positive entry.
+// The unsigned map holds non-negative states (second moments, squared-gradient sums), which
+// divide updates: one that rounded to zero next to a non-zero first moment or gradient would
+// make a step up to 1/eps too large. Exact for every float in [-1, 1] and NaN. Signed 32-bit
+// arithmetic throughout, which vectorizes best.
 template <bool kSigned>
 OPTAX8_HD uint32_t Encode(float x) {
   const auto& table = EncodeTableFor<kSigned>();
@@ -344,7 +348,12 @@ OPTAX8_HD uint32_t Encode(float x) {
   const int32_t entry = table.entry[row_sub | ((bits >> 31) & (kRows << kSubBits))];
   // Position within the bucket in value order: negative floats order by decreasing magnitude.
   const int32_t position = (bits ^ (bits >> 31)) & Table::kKeyMask;
-  return (static_cast<uint32_t>(entry) >> 24) + (position > (entry & 0xFFFFFF) ? 1u : 0u);
+  const uint32_t code = (static_cast<uint32_t>(entry) >> 24) + (position > (entry & 0xFFFFFF) ? 1u : 0u);
+  if constexpr (kSigned) {
+    return code;
+  } else {
+    return code | (code == 0 && bits > 0 ? 1u : 0u);  // bits > 0: positive, +0 excluded
+  }
 }
 
 template <bool kSigned>
@@ -436,7 +445,7 @@ struct Lion {
 
 struct Rmsprop {
   static constexpr int kMoments = 1;
-  static constexpr bool kSigned[kMoments] = {true};
+  static constexpr bool kSigned[kMoments] = {false};
   static constexpr int kFlags = kEpsInSqrt | kBiasCorrection;
   static constexpr int kNumScalars = 3;  // decay, eps, bc
   struct Consts {
@@ -458,7 +467,7 @@ struct Rmsprop {
 
 struct Adagrad {
   static constexpr int kMoments = 1;
-  static constexpr bool kSigned[kMoments] = {true};
+  static constexpr bool kSigned[kMoments] = {false};
   static constexpr int kFlags = 0;
   static constexpr int kNumScalars = 1;  // eps
   struct Consts {

@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from benchmarks import compile_time, gpu_step, memory, offload, step_time
+from benchmarks import compile_time, fidelity, gpu_step, memory, offload, step_time
 
 
 def test_step_time_prints_every_variant_with_ratios(capsys):
@@ -48,3 +48,12 @@ def test_offload_benchmark_compiles_and_times_both_steps(capsys):
   assert rows[0][5] == "0" and rows[1][5] == "16"  # host arrays: 4 matrices x 2 moments x (codes, absmax)
   assert all(float(row[2]) > 0 and float(row[-2]) > 0 for row in rows[:2])
   assert rows[2][1:3] == ["offloading", "saves"]
+
+
+def test_fidelity_benchmark_measures_both_tables(capsys):
+  results = fidelity.main(["--optimizers", "adam,sgd", "--steps", "3", "--seeds", "2"])
+  assert set(results) == {"adam", "sgd"}
+  assert 0.0 <= results["adam"]["diagnosis"]["zero_fraction"] <= 1.0 and results["adam"]["diagnosis"]["ratio_max"] > 0
+  assert all(len(runs) == 2 for runs in results["sgd"]["runs"].values())
+  out = capsys.readouterr().out
+  assert "1. one gradient sequence" in out and "2. final test loss" in out

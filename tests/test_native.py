@@ -72,7 +72,6 @@ FAMILIES.update({
     for name, (family, static, hyper) in list(FAMILIES.items())
     if name in ("adam_nesterov", "momentum", "lion", "rmsprop_11", "adagrad", "ademamix")
 })
-NON_NEGATIVE = ("rmsprop", "adagrad")  # families whose (signed-map) state is >= 0
 
 
 def random_moments(rng, family, shape, block_size):
@@ -82,8 +81,6 @@ def random_moments(rng, family, shape, block_size):
     x = rng.standard_normal(shape).astype(np.float32) * np.float32(rng.uniform(1e-4, 10.0))
     if not signed:
       x = x * x
-    elif family.name in NON_NEGATIVE:
-      x = np.abs(x)
     x[..., :block_size] = 0.0
     out.append(qz.quantize_blockwise(jnp.asarray(x), block_size, signed=signed))
   return out

@@ -18,13 +18,16 @@ REFERENCE_MAPS = pathlib.Path(__file__).parent / "data" / "bnb_dynamic_maps.json
 
 
 def brute_force_codes(x: np.ndarray, signed: bool) -> np.ndarray:
-  """argmin_k |x - map[k]| in float64 (ties to the lower code), then bitsandbytes' sign fix."""
+  """argmin_k |x - map[k]| in float64 (ties to the lower code), then bitsandbytes' sign fix
+  (signed map) or its unsigned counterpart (a positive value is never code 0)."""
   qmap = optax8.dynamic_map(signed).astype(np.float64)
   x64 = np.asarray(x, np.float64)
   codes = np.argmin(np.abs(x64[..., None] - qmap), axis=-1)
   if signed:
     wrong = np.signbit(qmap[codes]) != np.signbit(x64)
     codes = np.where(wrong, np.where(x64 > 0, codes + 1, codes - 1), codes)
+  else:
+    codes = np.where((codes == 0) & (x64 > 0), 1, codes)
   return codes.astype(np.uint8)
 
 

@@ -4,8 +4,9 @@
 // Reads from stdin, as hexadecimal float32 bit patterns, the Python package's signed map,
 // unsigned map, signed thresholds and unsigned thresholds (256, 256, 255, 255 values), checks
 // that the header holds the same tables, then checks that Encode matches the definition,
-// "#{k : t[k] < x}, then the sign fix", for every float32 x in [-1, 1]. Prints one line per
-// failure and exits non-zero if there was any.
+// "#{k : t[k] < x}, then the sign fix (signed map) or code 1 for a positive x counting no
+// threshold (unsigned map)", for every float32 x in [-1, 1]. Prints one line per failure and
+// exits non-zero if there was any.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -47,10 +48,12 @@ long CheckAllFloats(const float (&map)[256], const optax8::Thresholds& th) {
     uint32_t end = below < 255 ? OrderKey(optax8::FloatToBits(th.t[below])) : last;
     end = end > last ? last : end;
     while (key <= end) {
-      const uint32_t run_end = key < 0x80000000u && end >= 0x80000000u ? 0x7FFFFFFFu : end;
+      // Runs end at -0 and at +0 (alone), where the sign rules change.
+      const uint32_t run_end = key < 0x80000000u && end >= 0x80000000u ? 0x7FFFFFFFu : key == 0x80000000u ? key : end;
       const float first = FromOrderKey(key);
       uint32_t want = below;
       if (kSigned && std::signbit(map[want]) != std::signbit(first)) want = first > 0 ? want + 1 : want - 1;
+      if (!kSigned && want == 0 && first > 0) want = 1;
       want &= 0xFFu;
       long bad = 0;
       for (uint32_t k = key; k <= run_end; ++k) bad += optax8::Encode<kSigned>(FromOrderKey(k)) != want;

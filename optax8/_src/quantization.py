@@ -269,8 +269,10 @@ def encode(x: jax.Array, signed: bool) -> jax.Array:
   """Nearest code of each normalised float32 value ``x`` in ``[-1, 1]`` (ties to the lower code).
 
   Signed map: a value whose sign differs from its code's (a negative value, or -0.0, that
-  rounds to the code of 0) moves one code towards its own sign, as bitsandbytes does. NaN
-  encodes as 255 (254 with the sign bit set, signed map).
+  rounds to the code of 0) moves one code towards its own sign, as bitsandbytes does. Unsigned
+  map, its counterpart: a positive value that rounds to the code of 0 takes code 1, the smallest
+  positive entry, so a non-negative state (a second moment) is zero only where it is exactly
+  zero. NaN encodes as 255 (254 with the sign bit set, signed map).
   """
   sub_bits = _SUB_BITS[signed]
   key_bits = 23 - sub_bits
@@ -282,6 +284,8 @@ def encode(x: jax.Array, signed: bool) -> jax.Array:
   position = (bits ^ (bits >> 31)) & ((1 << key_bits) - 1)
   # lax needs both operands int32, and a Python int shift would be int64 under jax_enable_x64.
   codes = jax.lax.shift_right_logical(entry, np.int32(24)) + (position > (entry & 0xFFFFFF)).astype(jnp.int32)
+  if not signed:
+    codes = jnp.maximum(codes, (bits > 0).astype(jnp.int32))  # bits > 0: positive, +0 excluded
   return codes.astype(jnp.uint8)
 
 

@@ -331,8 +331,8 @@ def scale_by_rms8bit(
     \text{ with } \texttt{eps\_in\_sqrt=False}\Big)
 
   :math:`\hat\nu_t = \nu_t / (1-\rho^t)` with ``bias_correction``, else :math:`\nu_t`.
-  Like bitsandbytes, the state is stored with the signed map (it is non-negative, so only
-  codes 127..255 are used).
+  The state is non-negative and stored with the unsigned map (bitsandbytes uses the signed map,
+  wasting its negative half).
 
   Args:
     decay: :math:`\rho`, in [0, 1).
@@ -395,7 +395,8 @@ def scale_by_rss8bit(
     s_t = s_{t-1} + g_t^2,\quad u_t = \frac{g_t}{\sqrt{s_t + \epsilon}}\ \text{ where } s_t > 0,
     \text{ else } 0
 
-  The accumulator is stored with the signed map, as bitsandbytes does.
+  The accumulator is non-negative and stored with the unsigned map (bitsandbytes uses the
+  signed map, wasting its negative half).
 
   Args:
     initial_accumulator_value: initial value of :math:`s`, >= 0.

@@ -185,10 +185,11 @@ def _ademamix(g, moments, *, b1, b2, b3, alpha, eps, eps_root, bc1, bc2):
 ADAM = Family("adam", _adam_scalars, _adam, signed=(True, False), static=("nesterov",))
 MOMENTUM = Family("momentum", _momentum_scalars, _momentum, signed=(True,), static=("nesterov",))
 LION = Family("lion", _lion_scalars, _lion, signed=(True,))
-# bitsandbytes stores RMSprop's and Adagrad's (non-negative) state with the signed map.
+# RMSprop's and Adagrad's states are non-negative: the unsigned map gives them all 256 codes
+# (bitsandbytes stores them with the signed map, whose negative half they never use).
 RMSPROP = Family(
-    "rmsprop", _rms_scalars, _rms, signed=(True,), static=("eps_in_sqrt", "bias_correction"),
+    "rmsprop", _rms_scalars, _rms, signed=(False,), static=("eps_in_sqrt", "bias_correction"),
     initial=("initial_scale",),
 )
-ADAGRAD = Family("adagrad", _rss_scalars, _rss, signed=(True,), initial=("initial_accumulator_value",))
+ADAGRAD = Family("adagrad", _rss_scalars, _rss, signed=(False,), initial=("initial_accumulator_value",))
 ADEMAMIX = Family("ademamix", _ademamix_scalars, _ademamix, signed=(True, True, False))
