@@ -126,7 +126,7 @@ def test_last_axis_split_into_partial_blocks_trains_bit_identically(mode, implem
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("mode", list(worker.MODES))
-def test_skip_zeros_max_unorm_and_tensor_wise_scales_add_only_scalar_all_reduces_under_sharding(mode, implementation):
+def test_update_options_add_only_scalar_all_reduces_and_train_as_on_one_device_under_sharding(mode, implementation):
   facts = measured("update_options", implementation)[mode]
   assert not facts["non_scalar_collectives"], facts
   assert 1 <= facts["all_reduces"], facts  # max_unorm's norms and the tensor-wise absmax of sharded tensors

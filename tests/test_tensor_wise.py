@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from test_update_options import orbax_round_trip
 
 import optax8
 from optax8._src import quantization as qz
@@ -95,14 +96,9 @@ def test_tensor_wise_state_round_trips_through_orbax_and_refuses_a_blockwise_tar
   params = {"w": jnp.ones((16, 300))}
   tx = optax8.adam8bit(1e-3, block_wise=False)
   state = tx.update({"w": jnp.full((16, 300), 0.5)}, tx.init(params), params)[1]
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(tmp_path / "ckpt", state)
-  checkpointer.wait_until_finished()
-  restored = checkpointer.restore(tmp_path / "ckpt", jax.eval_shape(tx.init, params))
-  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
-    np.testing.assert_array_equal(a, b)
+  orbax_round_trip(tmp_path / "ckpt", state, jax.eval_shape(tx.init, params))
   with pytest.raises(ValueError, match="absmax_block256"):
-    checkpointer.restore(tmp_path / "ckpt", jax.eval_shape(optax8.adam8bit(1e-3).init, params))
+    ocp.StandardCheckpointer().restore(tmp_path / "ckpt", jax.eval_shape(optax8.adam8bit(1e-3).init, params))
 
 
 def test_update_refuses_a_blockwise_state_for_a_tensor_wise_optimizer():

@@ -282,8 +282,20 @@ def test_max_unorm_bounds_each_step_and_removes_the_loss_spike_of_a_run_with_lar
   assert max(losses) <= losses[0] and losses[-1] < 0.5 * free_losses[-1]
 
 
+def orbax_round_trip(path, state, target):
+  """``state`` saved with Orbax and restored into ``target``; checks the leaves are the same."""
+  import orbax.checkpoint as ocp
+
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, state)
+  checkpointer.wait_until_finished()
+  restored = checkpointer.restore(path, target)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+  return restored
+
+
 def test_update_options_survive_an_orbax_round_trip(tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
   rng = np.random.default_rng(8)
   params = {"w": dense(rng, (32, 512)) * 0.1}
   grads = [{"w": sparse(rng, (32, 512))} for _ in range(4)]
@@ -292,12 +304,7 @@ def test_update_options_survive_an_orbax_round_trip(tmp_path):
   p, s = params, tx.init(params)
   for g in grads[:2]:
     p, s = step(p, s, g)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(tmp_path / "state", s)
-  checkpointer.wait_until_finished()
-  restored = checkpointer.restore(tmp_path / "state", jax.eval_shape(tx.init, params))
-  for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(restored)):
-    np.testing.assert_array_equal(a, b)
+  restored = orbax_round_trip(tmp_path / "state", s, jax.eval_shape(tx.init, params))
   p1, s1, p2, s2 = p, s, p, restored
   for g in grads[2:]:
     p1, s1 = step(p1, s1, g)
@@ -317,6 +324,10 @@ def test_update_options_survive_an_orbax_round_trip(tmp_path):
         (lambda: optax8.rmsprop8bit(1e-3, overrides={"w": {"max_unorm": -0.5}}), ValueError,
          r"overrides\['w'\]\['max_unorm'\] must be >= 0"),
         (lambda: optax8.clip_by_unorm(-0.1), ValueError, "max_unorm must be >= 0, got -0.1"),
+        (lambda: optax8.adam8bit(1e-3, stochastic_rounding="yes"), TypeError,
+         "stochastic_rounding must be a bool, got 'yes'"),
+        (lambda: optax8.adam8bit(1e-3, overrides={"w": {"stochastic_rounding": 1}}), TypeError,
+         r"overrides\['w'\]\['stochastic_rounding'\] must be a bool"),
         (lambda: optax8.clip_by_unorm(None), TypeError, "max_unorm must be a float >= 0, got None"),
     ],
 )

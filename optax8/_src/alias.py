@@ -28,6 +28,18 @@ __all__ = [
 ]
 
 
+# The keyword-only options an alias hands to its building block unchanged.
+_ENGINE_OPTIONS = (
+    "optim_bits", "block_size", "min_8bit_size", "block_wise", "stochastic_rounding", "skip_zeros", "max_unorm",
+    "overrides", "param_labels",
+)
+
+
+def _engine_options(arguments: dict[str, Any]) -> dict[str, Any]:
+  """The engine options among an alias's arguments (its ``locals()``)."""
+  return {name: arguments[name] for name in _ENGINE_OPTIONS}
+
+
 def adam8bit(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -41,6 +53,7 @@ def adam8bit(
     block_size: int | None = None,
     min_8bit_size: int | None = None,
     block_wise: bool = True,
+    stochastic_rounding: bool = False,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -54,7 +67,7 @@ def adam8bit(
   Args:
     learning_rate: a float or an optax schedule.
     b1, b2, eps, eps_root, mu_dtype, nesterov: as in :func:`optax.adam`.
-    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+    optim_bits, block_size, min_8bit_size, block_wise, stochastic_rounding, skip_zeros, max_unorm, overrides,
       param_labels: see
       :func:`optax8.scale_by_adam8bit`.
 
@@ -74,9 +87,7 @@ def adam8bit(
   """
   return optax.chain(
       transform.scale_by_adam8bit(
-          b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, optim_bits=optim_bits,
-          block_size=block_size, min_8bit_size=min_8bit_size, block_wise=block_wise,
-          skip_zeros=skip_zeros, max_unorm=max_unorm, overrides=overrides, param_labels=param_labels,
+          b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, **_engine_options(locals()),
       ),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -97,6 +108,7 @@ def adamw8bit(
     block_size: int | None = None,
     min_8bit_size: int | None = None,
     block_wise: bool = True,
+    stochastic_rounding: bool = False,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -113,7 +125,7 @@ def adamw8bit(
     b1, b2, eps, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
     weight_decay: :math:`\lambda`, >= 0 (default 1e-4, optax's).
     mask: which parameters decay, as in :func:`optax.adamw`.
-    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+    optim_bits, block_size, min_8bit_size, block_wise, stochastic_rounding, skip_zeros, max_unorm, overrides,
       param_labels: see
       :func:`optax8.scale_by_adam8bit`.
 
@@ -130,9 +142,7 @@ def adamw8bit(
   moments.check_non_negative("weight_decay", weight_decay)
   return optax.chain(
       transform.scale_by_adam8bit(
-          b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, optim_bits=optim_bits,
-          block_size=block_size, min_8bit_size=min_8bit_size, block_wise=block_wise,
-          skip_zeros=skip_zeros, max_unorm=max_unorm, overrides=overrides, param_labels=param_labels,
+          b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, **_engine_options(locals()),
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -149,6 +159,7 @@ def sgd8bit(
     block_size: int | None = None,
     min_8bit_size: int | None = None,
     block_wise: bool = True,
+    stochastic_rounding: bool = False,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -165,7 +176,7 @@ def sgd8bit(
     momentum: the momentum decay in [0, 1), or ``None`` for none.
     nesterov: use Nesterov momentum.
     accumulator_dtype: dtype of the trace where it stays 32-bit (default float32).
-    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+    optim_bits, block_size, min_8bit_size, block_wise, stochastic_rounding, skip_zeros, max_unorm, overrides,
       param_labels: see
       :func:`optax8.scale_by_adam8bit`.
 
@@ -187,9 +198,7 @@ def sgd8bit(
     return optax.with_extra_args_support(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(
       transform.trace8bit(
-          momentum, nesterov, accumulator_dtype, optim_bits=optim_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, block_wise=block_wise, skip_zeros=skip_zeros,
-          max_unorm=max_unorm, overrides=overrides, param_labels=param_labels,
+          momentum, nesterov, accumulator_dtype, **_engine_options(locals()),
       ),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -207,6 +216,7 @@ def lion8bit(
     block_size: int | None = None,
     min_8bit_size: int | None = None,
     block_wise: bool = True,
+    stochastic_rounding: bool = False,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -222,7 +232,7 @@ def lion8bit(
     b1, b2, mu_dtype: as in :func:`optax.lion`.
     weight_decay: >= 0 (default 1e-3, optax's).
     mask: which parameters decay.
-    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+    optim_bits, block_size, min_8bit_size, block_wise, stochastic_rounding, skip_zeros, max_unorm, overrides,
       param_labels: see
       :func:`optax8.scale_by_adam8bit`.
 
@@ -239,9 +249,7 @@ def lion8bit(
   moments.check_non_negative("weight_decay", weight_decay)
   return optax.chain(
       transform.scale_by_lion8bit(
-          b1, b2, mu_dtype, optim_bits=optim_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, block_wise=block_wise, skip_zeros=skip_zeros,
-          max_unorm=max_unorm, overrides=overrides, param_labels=param_labels,
+          b1, b2, mu_dtype, **_engine_options(locals()),
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -263,6 +271,7 @@ def rmsprop8bit(
     block_size: int | None = None,
     min_8bit_size: int | None = None,
     block_wise: bool = True,
+    stochastic_rounding: bool = False,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -282,7 +291,7 @@ def rmsprop8bit(
       :func:`optax.rmsprop`).
     momentum: momentum decay in [0, 1), or ``None``.
     nesterov: Nesterov momentum.
-    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+    optim_bits, block_size, min_8bit_size, block_wise, stochastic_rounding, skip_zeros, max_unorm, overrides,
       param_labels: see
       :func:`optax8.scale_by_adam8bit`.
 
@@ -301,25 +310,20 @@ def rmsprop8bit(
         "rmsprop8bit: centered=True is not supported (it needs a third state); use optax.rmsprop "
         "for the centred variant."
     )
-  quant = dict(
-      optim_bits=optim_bits, block_size=block_size, min_8bit_size=min_8bit_size, block_wise=block_wise,
-      skip_zeros=skip_zeros, param_labels=param_labels,
-  )
-  rms = transform.scale_by_rms8bit(
-      decay, eps, initial_scale, eps_in_sqrt, bias_correction, max_unorm=max_unorm, overrides=overrides, **quant
-  )
+  options = _engine_options(locals())
+  rms = transform.scale_by_rms8bit(decay, eps, initial_scale, eps_in_sqrt, bias_correction, **options)
   if momentum is None:
     return optax.chain(rms, optax.scale_by_learning_rate(learning_rate))
-  # The trace shares the quantization options and skip_zeros; its own `decay` is `momentum`, not
-  # RMS's decay, and max_unorm clips the RMS scaling's output.
+  # The trace shares the options and, of the overrides, the quantization options and skip_zeros;
+  # its own `decay` is `momentum`, not RMS's decay, and max_unorm clips the RMS scaling's output.
   trace_overrides = overrides and {
-      pattern: {k: v for k, v in options.items() if k in (*labels_lib.QUANT_OPTIONS, "skip_zeros")}
-      for pattern, options in overrides.items()
+      pattern: {k: v for k, v in per_label.items() if k in (*labels_lib.QUANT_OPTIONS, "skip_zeros")}
+      for pattern, per_label in overrides.items()
   }
   return optax.chain(
       rms,
       optax.scale_by_learning_rate(learning_rate),
-      transform.trace8bit(momentum, nesterov, overrides=trace_overrides, **quant),
+      transform.trace8bit(momentum, nesterov, **{**options, "max_unorm": None, "overrides": trace_overrides}),
   )
 
 
@@ -332,6 +336,7 @@ def adagrad8bit(
     block_size: int | None = None,
     min_8bit_size: int | None = None,
     block_wise: bool = True,
+    stochastic_rounding: bool = False,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -344,7 +349,7 @@ def adagrad8bit(
   Args:
     learning_rate: a float or an optax schedule.
     initial_accumulator_value, eps: as in :func:`optax.adagrad`.
-    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+    optim_bits, block_size, min_8bit_size, block_wise, stochastic_rounding, skip_zeros, max_unorm, overrides,
       param_labels: see
       :func:`optax8.scale_by_adam8bit`.
 
@@ -360,9 +365,7 @@ def adagrad8bit(
   """
   return optax.chain(
       transform.scale_by_rss8bit(
-          initial_accumulator_value, eps, optim_bits=optim_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, block_wise=block_wise, skip_zeros=skip_zeros,
-          max_unorm=max_unorm, overrides=overrides, param_labels=param_labels,
+          initial_accumulator_value, eps, **_engine_options(locals()),
       ),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -384,6 +387,7 @@ def ademamix8bit(
     block_size: int | None = None,
     min_8bit_size: int | None = None,
     block_wise: bool = True,
+    stochastic_rounding: bool = False,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -399,7 +403,7 @@ def ademamix8bit(
     learning_rate: a float or an optax schedule.
     b1, b2, b3, alpha, eps, eps_root, mu_dtype, weight_decay, mask: as in
       :func:`optax.contrib.ademamix`.
-    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+    optim_bits, block_size, min_8bit_size, block_wise, stochastic_rounding, skip_zeros, max_unorm, overrides,
       param_labels: see
       :func:`optax8.scale_by_adam8bit`.
 
@@ -416,9 +420,7 @@ def ademamix8bit(
   moments.check_non_negative("weight_decay", weight_decay)
   return optax.chain(
       transform.scale_by_ademamix8bit(
-          b1, b2, b3, alpha, eps, eps_root, mu_dtype, optim_bits=optim_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, block_wise=block_wise, skip_zeros=skip_zeros,
-          max_unorm=max_unorm, overrides=overrides, param_labels=param_labels,
+          b1, b2, b3, alpha, eps, eps_root, mu_dtype, **_engine_options(locals()),
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -438,6 +440,7 @@ def lamb8bit(
     block_size: int | None = None,
     min_8bit_size: int | None = None,
     block_wise: bool = True,
+    stochastic_rounding: bool = False,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -452,7 +455,7 @@ def lamb8bit(
   Args:
     learning_rate: a float or an optax schedule.
     b1, b2, eps, eps_root, weight_decay, mask: as in :func:`optax.lamb`.
-    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+    optim_bits, block_size, min_8bit_size, block_wise, stochastic_rounding, skip_zeros, max_unorm, overrides,
       param_labels: see
       :func:`optax8.scale_by_adam8bit`.
 
@@ -469,9 +472,7 @@ def lamb8bit(
   moments.check_non_negative("weight_decay", weight_decay)
   return optax.chain(
       transform.scale_by_adam8bit(
-          b1, b2, eps, eps_root, optim_bits=optim_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, block_wise=block_wise, skip_zeros=skip_zeros,
-          max_unorm=max_unorm, overrides=overrides, param_labels=param_labels,
+          b1, b2, eps, eps_root, **_engine_options(locals()),
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_trust_ratio(),
@@ -493,6 +494,7 @@ def lars8bit(
     block_size: int | None = None,
     min_8bit_size: int | None = None,
     block_wise: bool = True,
+    stochastic_rounding: bool = False,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -508,7 +510,7 @@ def lars8bit(
     learning_rate: a float or an optax schedule.
     weight_decay, weight_decay_mask, trust_coefficient, eps, trust_ratio_mask, momentum,
       nesterov: as in :func:`optax.lars`.
-    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+    optim_bits, block_size, min_8bit_size, block_wise, stochastic_rounding, skip_zeros, max_unorm, overrides,
       param_labels: see
       :func:`optax8.scale_by_adam8bit`.
 
@@ -531,8 +533,6 @@ def lars8bit(
                    mask=trust_ratio_mask),
       optax.scale_by_learning_rate(learning_rate),
       transform.trace8bit(
-          momentum, nesterov, optim_bits=optim_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, block_wise=block_wise, skip_zeros=skip_zeros,
-          max_unorm=max_unorm, overrides=overrides, param_labels=param_labels,
+          momentum, nesterov, **_engine_options(locals()),
       ),
   )

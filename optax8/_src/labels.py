@@ -35,7 +35,7 @@ _NOT_PER_LABEL = {
     "mask": "use the alias's `mask` argument or optax.partition",
 }
 
-QUANT_OPTIONS = ("optim_bits", "block_size", "min_8bit_size", "block_wise")
+QUANT_OPTIONS = ("optim_bits", "block_size", "min_8bit_size", "block_wise", "stochastic_rounding")
 
 
 def _key_name(key: Any) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -141,6 +142,7 @@ QUANT_VALIDATORS: dict[str, Validator] = {
     "block_size": check_block_size,
     "min_8bit_size": check_min_8bit_size,
     "block_wise": check_bool,
+    "stochastic_rounding": check_bool,
 }
 # Options of the update itself (None for max_unorm: off, and static under inject_hyperparams).
 UPDATE_VALIDATORS: dict[str, Validator] = {"skip_zeros": check_bool, "max_unorm": check_non_negative}
@@ -174,14 +176,14 @@ def _init_moment(
 ) -> Any:
   """A moment of ``param``, placed like it (and typed like it under sharding-in-types)."""
   shape = tuple(jnp.shape(param))
-  block_size = _layout(shape, options)
-  if block_size is TRACED:
+  block_size = layout = _layout(shape, options)
+  if layout is TRACED:
     raise TypeError(
         f"optax8: the quantization options of {label!r} are traced while the state is initialised "
         f"({ {k: options[k] for k in QUANT_VALIDATORS} }); they decide the state's structure, so pass Python ints."
     )
   sharding = sharding_lib.named_sharding_of(param)
-  if block_size is FLOAT32:
+  if layout is FLOAT32:
     return jax.lax.full(shape, initial, dtype or jnp.float32, sharding=sharding)
   absmax_sharding = sharding and sharding.update(
       spec=sharding_lib.absmax_spec(label, sharding.spec, shape, block_size, sharding.mesh)
@@ -204,9 +206,14 @@ def reference_leaf_update(
     moments: Sequence[Any],
     scalars: Mapping[str, jax.Array],
 ) -> tuple[jax.Array, list[Any]]:
-  """One parameter's update in pure ``jax.numpy``: the oracle for the native kernels."""
-  static = dict(static)
+  """One parameter's update in pure ``jax.numpy``: the oracle for the native kernels.
+
+  ``static`` may also hold ``skip_zeros`` and ``stochastic_rounding`` (then ``scalars`` holds the
+  step's ``rounding_seed``, a uint32).
+  """
+  static, scalars = dict(static), dict(scalars)
   skip_zeros = static.pop("skip_zeros", False)
+  seed = scalars.pop("rounding_seed") if static.pop("stochastic_rounding", False) else None
   g32 = g.astype(jnp.float32)
   finite = jnp.isfinite(g32)
   touched = g32 != 0  # NaN included: it resets below
@@ -221,10 +228,11 @@ def reference_leaf_update(
     finite &= jnp.isfinite(after)
   update = jnp.where(finite, update, 0.0).astype(g.dtype)
   stored = []
-  for before, after in zip(moments, new):
+  for k, (before, after) in enumerate(zip(moments, new)):
     after = jnp.where(finite, after, 0.0)
     if qz.is_quantized(before):
-      q = qz.quantize_blockwise(after, before.block_size, signed=before.signed)
+      bits = None if seed is None else qz.rounding_bits(seed + np.uint32(0x632BE5AB * k % 2**32), after)
+      q = qz.quantize_blockwise(after, before.block_size, signed=before.signed, rounding_bits=bits)
       stored.append(qz.keep_untouched_blocks(q, before, touched) if skip_zeros else q)
     else:
       stored.append(after.astype(before.dtype))
@@ -264,6 +272,7 @@ def moment_transform(
     block_size: int | None,
     min_8bit_size: int | None,
     block_wise: bool = True,
+    stochastic_rounding: bool = False,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None,
@@ -284,6 +293,8 @@ def moment_transform(
     min_8bit_size: parameters with fewer elements (global size) keep 32-bit state
       (``None``: 4096).
     block_wise: ``False`` for one absmax per tensor instead of one per block.
+    stochastic_rounding: round the new moments up or down at random, unbiased, instead of to
+      the nearest code.
     skip_zeros: leave elements with an exactly zero gradient alone (moments and update).
     max_unorm: clip each update's norm to ``max_unorm`` times its parameter's norm
       (``None`` or 0: off); the update then needs ``params``.
@@ -297,13 +308,15 @@ def moment_transform(
   for name, value in hyperparams.items():
     validators[name](name, value)
   check_bool("block_wise", block_wise)
+  check_bool("stochastic_rounding", stochastic_rounding)
   check_bool("skip_zeros", skip_zeros)
   if max_unorm is not None:
     check_non_negative("max_unorm", max_unorm)
   overrides = labels_lib.validate_overrides(overrides, {**QUANT_VALIDATORS, **UPDATE_VALIDATORS, **validators})
   defaults = {
       **hyperparams, "optim_bits": optim_bits, "block_size": block_size, "min_8bit_size": min_8bit_size,
-      "block_wise": bool(block_wise), "skip_zeros": bool(skip_zeros), "max_unorm": max_unorm,
+      "block_wise": bool(block_wise), "stochastic_rounding": bool(stochastic_rounding),
+      "skip_zeros": bool(skip_zeros), "max_unorm": max_unorm,
   }
   fields = tuple(state_cls._fields)
   has_count = fields[0] == "count"
@@ -388,6 +401,13 @@ def moment_transform(
                                 {**static, "skip_zeros": True} if skip else static)
         for skip in (False, True)
     }
+    # Stochastic rounding runs the reference: its bits are a hash of the step, the label and
+    # each element's global index and value, the same on every platform and mesh.
+    rounded_updates = {
+        skip: functools.partial(reference_leaf_update, family,
+                                {**static, "skip_zeros": skip, "stochastic_rounding": True})
+        for skip in (False, True)
+    }
     scalars_of = {}  # leaves with the same hyperparameters share their scalars, traced once
     for i, g in enumerate(g_leaves):
       hyper = {k: options[i][k] for k in hyper_names}
@@ -396,6 +416,10 @@ def moment_transform(
         scalars_of[key] = family.scalars(count, **hyper)
       scalars = scalars_of[key]
       leaf_update = leaf_updates[options[i]["skip_zeros"]]
+      if options[i]["stochastic_rounding"]:
+        leaf_update = rounded_updates[options[i]["skip_zeros"]]
+        label_hash = np.uint32(zlib.crc32(labels[i].encode()))
+        scalars = {**scalars, "rounding_seed": count.astype(jnp.uint32) * np.uint32(0x9E3779B1) ^ label_hash}
       u, stored = sharding_lib.in_whole_blocks(leaf_update, g, [leaves[i] for leaves in moments], scalars)
       if p_leaves[i] is not None:
         u = clipping.unorm_clipped(u, p_leaves[i], options[i]["max_unorm"])

@@ -36,6 +36,7 @@ __all__ = [
     "encode_thresholds",
     "num_blocks",
     "quantize_blockwise",
+    "rounding_bits",
 ]
 
 
@@ -289,7 +290,55 @@ def encode(x: jax.Array, signed: bool) -> jax.Array:
   return codes.astype(jnp.uint8)
 
 
-def quantize_blockwise(x: jax.Array, block_size: int | None = 256, *, signed: bool = True) -> QuantizedArray:
+def _fmix32(x: jax.Array) -> jax.Array:
+  """MurmurHash3's finaliser: a bijection of uint32 that mixes every bit into every other."""
+  x = x ^ (x >> np.uint32(16))
+  x = x * np.uint32(0x85EBCA6B)
+  x = x ^ (x >> np.uint32(13))
+  x = x * np.uint32(0xC2B2AE35)
+  return x ^ (x >> np.uint32(16))
+
+
+def rounding_bits(seed: jax.Array, x: jax.Array) -> jax.Array:
+  """Random uint32 bits per element of ``x`` for stochastic rounding: a hash of ``seed``, the
+  element's index in the whole array and its float32 value.
+
+  Counter-based: the same on every backend and mesh (the index is global: XLA partitions the
+  iota), reproducible, and with no key to carry. The value's bits make the bits change from
+  step to step even where ``seed`` does not.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  sharding = jax.typeof(x).sharding
+  out = sharding if jax.sharding.AxisType.Explicit in sharding.mesh.axis_types else None
+  index = jnp.zeros(x.shape, jnp.uint32)
+  for axis, stride in enumerate(np.cumprod((x.shape[1:] + (1,))[::-1])[::-1]):
+    iota = jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis, out_sharding=out)
+    index = index + iota * np.uint32(stride % 2**32)
+  value = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return _fmix32(_fmix32(index * np.uint32(0x9E3779B9) + _fmix32(jnp.asarray(seed, jnp.uint32))) ^ value)
+
+
+def _round_stochastically(codes: jax.Array, y: jax.Array, signed: bool, bits: jax.Array) -> jax.Array:
+  """Codes of ``y`` rounded up or down at random, unbiased: the two codes around ``y`` (of which
+  ``codes``, the nearest, is one), the upper one with probability proportional to ``y``'s distance
+  from the lower one. Exact entries and NaN keep ``codes``; the unsigned map's rule (a positive
+  value is never code 0) holds afterwards as in :func:`encode`."""
+  value = _lookup(dynamic_map(signed), codes.astype(jnp.int32))
+  low = jnp.clip(jnp.where(value > y, codes.astype(jnp.int32) - 1, codes.astype(jnp.int32)), 0, 254)
+  low_value, high_value = _lookup(dynamic_map(signed), low), _lookup(dynamic_map(signed), low + 1)
+  # r uniform in [0, 1) on a 2^-24 grid; up with probability (y - low) / (high - low).
+  r = (bits >> np.uint32(8)).astype(jnp.float32) * np.float32(2.0**-24)
+  inside = (low_value <= y) & (y <= high_value) & (value != y)
+  up = (y - low_value) > r * (high_value - low_value)
+  rounded = jnp.where(inside, low + up.astype(jnp.int32), codes.astype(jnp.int32))
+  if not signed:
+    rounded = jnp.maximum(rounded, (y > 0).astype(jnp.int32))
+  return rounded.astype(jnp.uint8)
+
+
+def quantize_blockwise(
+    x: jax.Array, block_size: int | None = 256, *, signed: bool = True, rounding_bits: jax.Array | None = None
+) -> QuantizedArray:
   """Quantizes ``x`` blockwise along its last axis.
 
   ``absmax`` is each block's largest magnitude; the codes are the nearest map entries of
@@ -303,6 +352,9 @@ def quantize_blockwise(x: jax.Array, block_size: int | None = 256, *, signed: bo
       for one absmax of the whole tensor.
     signed: use the signed dynamic map (for values of either sign) or the unsigned one
       (for values >= 0).
+    rounding_bits: ``None`` to round to the nearest code; else uint32 random bits shaped like
+      ``x`` (:func:`rounding_bits`) to round stochastically: up or down to the two codes around
+      each value, the expected decoded value equal to the value.
 
   Returns:
     The :class:`QuantizedArray`.
@@ -320,14 +372,21 @@ def quantize_blockwise(x: jax.Array, block_size: int | None = 256, *, signed: bo
   if x.ndim == 0:
     raise ValueError("quantize_blockwise needs an array of rank >= 1, got a scalar.")
   x = x.astype(jnp.float32)
+
+  def codes_of(y, bits):
+    codes = encode(y, signed)
+    return codes if bits is None else _round_stochastically(codes, y, signed, bits)
+
   if block_size is None:  # one block: the whole tensor, without reshaping a sharded array
     absmax = jnp.max(jnp.abs(x), initial=0.0)
-    return QuantizedArray(encode(x * (1 / jnp.where(absmax == 0, 1.0, absmax)), signed), absmax, None, bool(signed))
+    codes = codes_of(x * (1 / jnp.where(absmax == 0, 1.0, absmax)), rounding_bits)
+    return QuantizedArray(codes, absmax, None, bool(signed))
   blocks = _blocked(x, block_size)
   absmax = jnp.max(jnp.abs(blocks), axis=-1, initial=0.0)
   scale = jnp.where(absmax == 0, 1.0, absmax)[..., None]
   # x / absmax as XLA computes it in most programs; written out to be the same in all.
-  codes = encode(blocks * (1 / scale), signed)
+  bits = None if rounding_bits is None else _blocked(rounding_bits, block_size)
+  codes = codes_of(blocks * (1 / scale), bits)
   return QuantizedArray(_unblocked(codes, x.shape[-1]), absmax, int(block_size), bool(signed))
 
 

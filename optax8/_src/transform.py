@@ -11,6 +11,11 @@ quantization options, all keyword-only after ``*``:
 * ``block_wise`` (default ``True``): ``False`` keeps one absmax per tensor instead of one per
   block (bitsandbytes' original layout; the state's ``block_size`` is then ``None``). Its update
   needs the tensor's maximum before encoding, so it runs the reference math on every platform.
+* ``stochastic_rounding`` (default ``False``): ``True`` rounds each new moment up or down to
+  the two codes around it at random, unbiased, instead of to the nearest code, so that an EMA
+  whose per-step change is below half a code step still moves on average. The random bits are a
+  hash of the step, the parameter's label and each element's global index and value: the same
+  on every platform and mesh, reproducible, with no key to pass. It runs the reference math.
 * ``skip_zeros`` (default ``False``): an element whose gradient is exactly zero keeps its
   moments (undecayed) and gets a zero update, bitsandbytes' lazy update for sparse gradients.
   An 8-bit block whose gradient is zero throughout keeps its codes and absmax bit for bit; an
@@ -117,6 +122,7 @@ def scale_by_adam8bit(
     block_size: int | None = None,
     min_8bit_size: int | None = None,
     block_wise: bool = True,
+    stochastic_rounding: bool = False,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -145,12 +151,15 @@ def scale_by_adam8bit(
     block_size: quantization block size along the last axis (default 256).
     min_8bit_size: parameters with fewer elements keep float32 moments (default 4096).
     block_wise: ``False`` for one absmax per tensor instead of one per block (default ``True``).
+    stochastic_rounding: round the moments stochastically, unbiased, instead of to the nearest
+      code (default ``False``).
     skip_zeros: an element whose gradient is exactly zero keeps its moments and gets a zero
       update (bitsandbytes' ``skip_zeros``, for sparse gradients such as embeddings).
     max_unorm: clip each update tensor's norm to ``max_unorm`` times its parameter's norm
       (bitsandbytes' ``max_unorm``; ``None`` or 0: off); ``update`` then needs ``params``.
     overrides: per-label options: ``optim_bits``, ``block_size``, ``min_8bit_size``,
-      ``block_wise``, ``skip_zeros``, ``max_unorm``, ``b1``, ``b2``, ``eps``, ``eps_root``.
+      ``block_wise``, ``stochastic_rounding``, ``skip_zeros``, ``max_unorm``, ``b1``, ``b2``,
+      ``eps``, ``eps_root``.
     param_labels: labels tree or callable (default: tree paths).
 
   Returns:
@@ -181,6 +190,7 @@ def scale_by_adam8bit(
       block_size=block_size,
       min_8bit_size=min_8bit_size,
       block_wise=block_wise,
+      stochastic_rounding=stochastic_rounding,
       skip_zeros=skip_zeros,
       max_unorm=max_unorm,
       overrides=overrides,
@@ -197,6 +207,7 @@ def trace8bit(
     block_size: int | None = None,
     min_8bit_size: int | None = None,
     block_wise: bool = True,
+    stochastic_rounding: bool = False,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -241,6 +252,7 @@ def trace8bit(
       block_size=block_size,
       min_8bit_size=min_8bit_size,
       block_wise=block_wise,
+      stochastic_rounding=stochastic_rounding,
       skip_zeros=skip_zeros,
       max_unorm=max_unorm,
       overrides=overrides,
@@ -257,6 +269,7 @@ def scale_by_lion8bit(
     block_size: int | None = None,
     min_8bit_size: int | None = None,
     block_wise: bool = True,
+    stochastic_rounding: bool = False,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -274,7 +287,7 @@ def scale_by_lion8bit(
     b1: interpolation between gradient and momentum for the update, in [0, 1).
     b2: decay of the momentum, in [0, 1).
     mu_dtype: dtype of the momentum where it stays 32-bit (default float32).
-    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+    optim_bits, block_size, min_8bit_size, block_wise, stochastic_rounding, skip_zeros, max_unorm, overrides,
       param_labels: options (see
       :func:`scale_by_adam8bit`); per-label keys ``b1``, ``b2``.
 
@@ -299,6 +312,7 @@ def scale_by_lion8bit(
       block_size=block_size,
       min_8bit_size=min_8bit_size,
       block_wise=block_wise,
+      stochastic_rounding=stochastic_rounding,
       skip_zeros=skip_zeros,
       max_unorm=max_unorm,
       overrides=overrides,
@@ -317,6 +331,7 @@ def scale_by_rms8bit(
     block_size: int | None = None,
     min_8bit_size: int | None = None,
     block_wise: bool = True,
+    stochastic_rounding: bool = False,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -340,7 +355,7 @@ def scale_by_rms8bit(
     initial_scale: initial value of :math:`\nu`, >= 0.
     eps_in_sqrt: where ``eps`` goes, as in optax.
     bias_correction: divide by :math:`1-\rho^t`, as in optax.
-    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+    optim_bits, block_size, min_8bit_size, block_wise, stochastic_rounding, skip_zeros, max_unorm, overrides,
       param_labels: options (see
       :func:`scale_by_adam8bit`); per-label keys ``decay``, ``eps``, ``initial_scale``.
 
@@ -369,6 +384,7 @@ def scale_by_rms8bit(
       block_size=block_size,
       min_8bit_size=min_8bit_size,
       block_wise=block_wise,
+      stochastic_rounding=stochastic_rounding,
       skip_zeros=skip_zeros,
       max_unorm=max_unorm,
       overrides=overrides,
@@ -384,6 +400,7 @@ def scale_by_rss8bit(
     block_size: int | None = None,
     min_8bit_size: int | None = None,
     block_wise: bool = True,
+    stochastic_rounding: bool = False,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -401,7 +418,7 @@ def scale_by_rss8bit(
   Args:
     initial_accumulator_value: initial value of :math:`s`, >= 0.
     eps: >= 0.
-    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+    optim_bits, block_size, min_8bit_size, block_wise, stochastic_rounding, skip_zeros, max_unorm, overrides,
       param_labels: options (see
       :func:`scale_by_adam8bit`); per-label keys ``initial_accumulator_value``, ``eps``.
 
@@ -425,6 +442,7 @@ def scale_by_rss8bit(
       block_size=block_size,
       min_8bit_size=min_8bit_size,
       block_wise=block_wise,
+      stochastic_rounding=stochastic_rounding,
       skip_zeros=skip_zeros,
       max_unorm=max_unorm,
       overrides=overrides,
@@ -445,6 +463,7 @@ def scale_by_ademamix8bit(
     block_size: int | None = None,
     min_8bit_size: int | None = None,
     block_wise: bool = True,
+    stochastic_rounding: bool = False,
     skip_zeros: bool = False,
     max_unorm: float | None = None,
     overrides: labels_lib.Overrides | None = None,
@@ -468,7 +487,7 @@ def scale_by_ademamix8bit(
     eps: >= 0.
     eps_root: >= 0.
     mu_dtype: dtype of the two EMAs where they stay 32-bit (default float32).
-    optim_bits, block_size, min_8bit_size, block_wise, skip_zeros, max_unorm, overrides,
+    optim_bits, block_size, min_8bit_size, block_wise, stochastic_rounding, skip_zeros, max_unorm, overrides,
       param_labels: options (see
       :func:`scale_by_adam8bit`); per-label keys ``b1``, ``b2``, ``b3``, ``alpha``, ``eps``,
       ``eps_root``.
@@ -500,6 +519,7 @@ def scale_by_ademamix8bit(
       block_size=block_size,
       min_8bit_size=min_8bit_size,
       block_wise=block_wise,
+      stochastic_rounding=stochastic_rounding,
       skip_zeros=skip_zeros,
       max_unorm=max_unorm,
       overrides=overrides,
