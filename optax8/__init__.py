@@ -29,6 +29,7 @@ from optax8._src.quantization import (
     dequantize_blockwise,
     dynamic_map,
     quantize_blockwise,
+    rounding_bits,
     state_bytes,
 )
 from optax8._src.sharding import state_sharding
@@ -81,6 +82,7 @@ __all__ = [
     "percentile_clipping",
     "quantize_blockwise",
     "register_kernels",
+    "rounding_bits",
     "rmsprop8bit",
     "scale_by_adam8bit",
     "scale_by_ademamix8bit",
