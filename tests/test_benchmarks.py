@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from benchmarks import compile_time, fidelity, gpu_step, memory, offload, step_time
+from benchmarks import bnb_fidelity, compile_time, fidelity, gpu_step, memory, offload, step_time
 
 
 def test_step_time_prints_every_variant_with_ratios(capsys):
@@ -57,3 +57,12 @@ def test_fidelity_benchmark_measures_both_tables(capsys):
   assert all(len(runs) == 2 for runs in results["sgd"]["runs"].values())
   out = capsys.readouterr().out
   assert "1. one gradient sequence" in out and "2. final test loss" in out
+
+
+def test_bnb_fidelity_benchmark_compares_both_libraries_with_one_float32_run(capsys):
+  pytest.importorskip("bitsandbytes")  # the bnb extra
+  results = bnb_fidelity.main(["--optimizers", "momentum", "--steps", "2", "--rows", "64"])
+  runs = results["momentum"]
+  assert {"bitsandbytes", "optax8"} <= set(runs) and all(len(r) == 2 for r in runs.values())
+  assert all(dp >= 0 and rel >= 0 for run in runs.values() for dp, rel in run)
+  assert "|dp| optax8" in capsys.readouterr().out
