@@ -401,7 +401,7 @@ def moment_transform(
                                 {**static, "skip_zeros": True} if skip else static)
         for skip in (False, True)
     }
-    # Stochastic rounding runs the reference: its bits are a hash of the step, the label and
+    # Stochastic rounding runs the reference: its bits are a hash of the step count, the label and
     # each element's global index and value, the same on every platform and mesh.
     rounded_updates = {
         skip: functools.partial(reference_leaf_update, family,

@@ -14,8 +14,9 @@ quantization options, all keyword-only after ``*``:
 * ``stochastic_rounding`` (default ``False``): ``True`` rounds each new moment up or down to
   the two codes around it at random, unbiased, instead of to the nearest code, so that an EMA
   whose per-step change is below half a code step still moves on average. The random bits are a
-  hash of the step, the parameter's label and each element's global index and value: the same
-  on every platform and mesh, reproducible, with no key to pass. It runs the reference math.
+  hash of the step count (where the state keeps one), the parameter's label and each element's
+  global index and new value: the same on every platform and mesh, reproducible, with no key to
+  pass. It runs the reference math.
 * ``skip_zeros`` (default ``False``): an element whose gradient is exactly zero keeps its
   moments (undecayed) and gets a zero update, bitsandbytes' lazy update for sparse gradients.
   An 8-bit block whose gradient is zero throughout keeps its codes and absmax bit for bit; an
