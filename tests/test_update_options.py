@@ -248,6 +248,13 @@ def test_max_unorm_is_injectable_without_recompiling():
     np.testing.assert_allclose(u, direct.update(grads, direct.init(params), params)[0]["w"], rtol=1e-6)
 
 
+def test_max_unorm_of_plain_sgd_is_injectable():
+  params = {"w": jnp.full((64, 128), 0.01)}
+  tx = optax.inject_hyperparams(optax8.sgd8bit)(learning_rate=1.0, max_unorm=0.5)
+  updates, _ = jax.jit(tx.update)({"w": jnp.ones((64, 128))}, tx.init(params), params)
+  np.testing.assert_allclose(jnp.linalg.norm(updates["w"]), 0.5 * jnp.linalg.norm(params["w"]), rtol=1e-5)
+
+
 def regression_run(max_unorm, lr=0.3, steps=40):
   """A two-layer regression with a learning rate far too large for Adam; returns losses and step ratios."""
   rng = np.random.default_rng(7)

@@ -191,7 +191,7 @@ def sgd8bit(
     (64, 64)
   """
   if momentum is None:
-    if max_unorm:
+    if max_unorm is not None:  # an array under inject_hyperparams: 0 clips nothing
       return optax.with_extra_args_support(
           optax.chain(clipping.clip_by_unorm(max_unorm), optax.scale_by_learning_rate(learning_rate))
       )
