@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import optax8
 from benchmarks import step_time
 from examples import common
-from optax8._src import native
+from optax8._src import native_library
 
 __all__ = ["Result", "main", "matrix_shapes", "measure", "parse_size", "size_label"]
 
@@ -174,7 +174,7 @@ def measure(num_params: int, warmup: int = 3, steps: int = 10, device: Any = Non
   finally:
     optax8.set_implementation(None)
   return Result(sum(math.prod(s) for s in shapes), adam, adam8bit, kernel, kernel_bytes, copy,
-                native.TARGET in text, "command_buffer" in text)
+                native_library.TARGET in text, "command_buffer" in text)
 
 
 def size_label(num_params: int) -> str:

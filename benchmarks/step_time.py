@@ -19,6 +19,7 @@ Run from the repository root::
 
   python -m benchmarks.step_time
   python -m benchmarks.step_time --sizes 16 --rounds 3
+  OPTAX8_CPU_ISA=avx2 python -m benchmarks.step_time --sizes 16   # the AVX2 path on an AVX-512 CPU
 
 XLA:CPU allocates a step's temporaries afresh on every call, and glibc's malloc returns such
 large blocks to the kernel when they are freed, so each step page-faults them in again: this
@@ -44,6 +45,7 @@ import optax
 
 import optax8
 from examples import common
+from optax8._src import native_library
 
 __all__ = ["VARIANTS", "CompiledStep", "Variant", "compile_step", "footprint", "main", "measure", "parameters"]
 
@@ -179,8 +181,9 @@ def main(argv: list[str] | None = None) -> None:
   if min(args.sizes) < 1 or args.rounds < 1 or args.steps < 1:
     parser.error("--sizes, --rounds and --steps must be positive")
   results = {m: measure(m, args.rounds, args.steps) for m in args.sizes}
-  print(f"{jax.devices()[0].device_kind}, {jax.device_count()} device(s); median of {args.rounds} x "
-        f"{args.steps} steps after a warm-up round")
+  print(f"{jax.devices()[0].device_kind}, {jax.device_count()} device(s), CPU kernel path "
+        f"{native_library.cpu_isa()} (OPTAX8_CPU_ISA forces one); median of {args.rounds} x {args.steps} steps "
+        "after a warm-up round")
   print(table(results))
 
 

@@ -8,7 +8,7 @@
 // XLA:GPU does not).
 //
 // One warp updates one quantization block, holding up to kChunk of its elements in registers:
-// every load of a chunk is issued before the first use, then the block's peak |moment| is a
+// every load of a chunk is issued before the first use, then the block's peak claim is a
 // warp reduction and the lanes encode and store. A block longer than kChunk is stepped twice:
 // once for its peak, once more to store it (the same arithmetic gives the same values). A
 // persistent grid of thread blocks walks the quantization blocks, each thread block copying the
@@ -71,8 +71,6 @@ __device__ __forceinline__ T FromFloat(float x) {
   }
 }
 
-__device__ __forceinline__ bool Finite(float x) { return (FloatToBits(x) & 0x7F800000u) != 0x7F800000u; }
-
 template <class F>
 __device__ __forceinline__ float DecodeMoment(int k, uint32_t code, float absmax) {
   return (kSignedMaskOf<F> >> k) & 1u ? Decode<true>(code, absmax) : Decode<false>(code, absmax);
@@ -89,18 +87,15 @@ struct Chunk {
   float moments[K][kItems];
 };
 
-// Steps the lane's elements of [start, start + n), n <= kChunk, with the CPU kernel's
-// per-element semantics: a non-finite gradient element counts as 0, and it or a moment that
-// overflows resets the element's moments to +0 and gives it a zero update; under kSkipZeros an
-// element whose gradient is zero keeps its decoded moments, gets a zero update, and leaves
-// `touched` as it is (others set it). Stores the update when kStore (it needs no absmax, so it
-// leaves the registers at once). Elements at or past n compute on zeros and are never stored.
+// Steps the lane's elements of [start, start + n), n <= kChunk, with GuardedStep (as the CPU
+// kernel); elements whose gradient is not zero set `touched`. Stores the update when kStore (it
+// needs no absmax, so it leaves the registers at once). Elements at or past n compute on zeros
+// and are never stored.
 template <class F, int kFlags, class T, bool kStore>
 __device__ __forceinline__ void StepChunk(const Job& job, int64_t start, int n, int lane,
                                           const float (&absmax)[F::kMoments], const typename F::Consts& consts,
                                           Chunk<F::kMoments>& out, bool& touched) {
   constexpr int K = F::kMoments;
-  constexpr bool kSkip = (kFlags & kSkipZeros) != 0;
   const T* g = static_cast<const T*>(job.g) + start;
   T* u = static_cast<T*>(job.update) + start;
   float grad[kItems];
@@ -117,39 +112,29 @@ __device__ __forceinline__ void StepChunk(const Job& job, int64_t start, int n, 
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     if (i * kWarp >= n) break;  // the same for the whole warp
-    bool keep = Finite(grad[i]);
     float m[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) m[k] = DecodeMoment<F>(k, codes[k][i], absmax[k]);
-    [[maybe_unused]] float old[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) old[k] = m[k];
-    float update = F::template Step<kFlags>(keep ? grad[i] : 0.0f, m, consts);
-    if constexpr (kSkip) {
-      const bool nonzero = !(grad[i] == 0.0f);  // also NaN, which resets below; zero past n
-      touched = touched || nonzero;
-#pragma unroll
-      for (int k = 0; k < K; ++k) m[k] = nonzero ? m[k] : old[k];
-      update = nonzero ? update : 0.0f;
-    }
-#pragma unroll
-    for (int k = 0; k < K; ++k) keep = keep && Finite(m[k]);
+    const float update = GuardedStep<F, kFlags>(grad[i], m, consts, touched);
     // In place when the update aliases the gradient: every element was read above.
-    if (kStore && i * kWarp + lane < n) u[i * kWarp + lane] = FromFloat<T>(keep ? update : 0.0f);
+    if (kStore && i * kWarp + lane < n) u[i * kWarp + lane] = FromFloat<T>(update);
 #pragma unroll
-    for (int k = 0; k < K; ++k) out.moments[k][i] = keep ? m[k] : 0.0f;
+    for (int k = 0; k < K; ++k) out.moments[k][i] = m[k];
   }
 }
 
-// The running peak |moment| of the lane's elements below n, as float bits (for non-negative
-// floats the integer order of the bits is the float order, as in the CPU kernel).
-template <int K>
-__device__ __forceinline__ void AccumulatePeak(const Chunk<K>& chunk, int n, int lane, uint32_t (&peak)[K]) {
+// The running peak claim (ClaimBits) of the lane's elements below n.
+template <class F>
+__device__ __forceinline__ void AccumulatePeak(const Chunk<F::kMoments>& chunk, int n, int lane,
+                                               uint32_t (&peak)[F::kMoments]) {
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     if (i * kWarp + lane >= n) break;
 #pragma unroll
-    for (int k = 0; k < K; ++k) peak[k] = max(peak[k], FloatToBits(chunk.moments[k][i]) & 0x7FFFFFFFu);
+    for (int k = 0; k < F::kMoments; ++k) {
+      const float x = chunk.moments[k][i];
+      peak[k] = max(peak[k], (kSignedMaskOf<F> >> k) & 1u ? ClaimBits<true>(x) : ClaimBits<false>(x));
+    }
   }
 }
 
@@ -178,7 +163,7 @@ __device__ __forceinline__ void StoreCodes(const Job& job, int64_t start, int n,
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     // As quantize_blockwise: times 1 / absmax, with 1 for an all-zero block.
-    const float absmax = BitsToFloat(peak[k]);
+    const float absmax = AbsmaxOfPeak(peak[k]);
     scale[k] = 1.0f / (absmax == 0.0f ? 1.0f : absmax);
   }
 #pragma unroll
@@ -235,7 +220,7 @@ __global__ void __launch_bounds__(kThreads, F::kMoments > 2 ? 2 : 3) UpdateKerne
       for (int64_t base = 0; base < n; base += kChunk) {
         const int m = static_cast<int>(min(static_cast<int64_t>(kChunk), n - base));
         StepChunk<F, kFlags, T, false>(job, offset + base, m, lane, absmax, consts, chunk, touched);
-        AccumulatePeak(chunk, m, lane, peak);
+        AccumulatePeak<F>(chunk, m, lane, peak);
       }
       WarpMax(peak);
       if (kSkip) block_touched = __any_sync(0xFFFFFFFFu, touched);
@@ -244,7 +229,7 @@ __global__ void __launch_bounds__(kThreads, F::kMoments > 2 ? 2 : 3) UpdateKerne
       const int m = static_cast<int>(min(static_cast<int64_t>(kChunk), n - base));
       StepChunk<F, kFlags, T, true>(job, offset + base, m, lane, absmax, consts, chunk, touched);
       if (n <= kChunk) {
-        AccumulatePeak(chunk, m, lane, peak);
+        AccumulatePeak<F>(chunk, m, lane, peak);
         WarpMax(peak);
         if (kSkip) block_touched = __any_sync(0xFFFFFFFFu, touched);
       }
@@ -258,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, F::kMoments > 2 ? 2 : 3) UpdateKerne
     __syncwarp();
     if (lane == 0) {
 #pragma unroll
-      for (int k = 0; k < K; ++k) job.moments[k].new_absmax[block] = block_touched ? BitsToFloat(peak[k]) : absmax[k];
+      for (int k = 0; k < K; ++k) job.moments[k].new_absmax[block] = block_touched ? AbsmaxOfPeak(peak[k]) : absmax[k];
     }
   }
 }
@@ -304,17 +289,18 @@ inline constexpr Launchers kLaunchers = {&Launch<F, kFlags, float>, &Launch<F, k
 ffi::Error UpdateImpl(cudaStream_t stream, ffi::AnyBuffer g, ffi::Buffer<ffi::F32> hp, ffi::RemainingArgs state,
                       ffi::Result<ffi::AnyBuffer> update, ffi::RemainingRets new_state, std::string_view family,
                       int64_t block_size, int64_t flags, int64_t signed_mask) {
-  const Launchers* launchers = nullptr;
   Job job{};
-  ffi::Error checked = PrepareJob(g, hp, state, update, new_state, family, block_size, flags, signed_mask, &job,
-                                  [&](auto family_tag, auto flags_tag) {
-                                    launchers = &kLaunchers<decltype(family_tag), decltype(flags_tag)::value>;
-                                  });
+  ffi::Error checked = PrepareJob(g, hp, state, update, new_state, family, block_size, flags, signed_mask, &job);
   if (checked.failure()) return checked;
   if (job.total_blocks == 0) return ffi::Error::Success();
 
-  const LaunchFn launch = job.dtype == ffi::DataType::BF16  ? launchers->bf16
-                          : job.dtype == ffi::DataType::F16 ? launchers->f16
+  const Launchers* launchers = nullptr;
+  VisitFamily(job.family, [&](auto family_tag) {
+    using F = decltype(family_tag);
+    VisitFlags<F>(job.flags, [&](auto flags_tag) { launchers = &kLaunchers<F, decltype(flags_tag)::value>; });
+  });
+  const LaunchFn launch = job.dtype == GradientType::kBF16  ? launchers->bf16
+                          : job.dtype == GradientType::kF16 ? launchers->f16
                                                             : launchers->f32;
   const cudaError_t status = launch(stream, job);
   if (status != cudaSuccess) {
@@ -336,4 +322,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Optax8CudaUpdate, optax8::UpdateImpl,
 // The XLA FFI API version this library was compiled against, major * 1000 + minor.
 extern "C" __attribute__((visibility("default"))) int Optax8CudaFfiApiVersion() {
   return XLA_FFI_API_MAJOR * 1000 + XLA_FFI_API_MINOR;
+}
+
+// The families, scalars and flags this library was built with (optax8_ffi.h's Contract).
+extern "C" __attribute__((visibility("default"))) const char* Optax8CudaContract() {
+  static const std::string contract = optax8::Contract();
+  return contract.c_str();
 }

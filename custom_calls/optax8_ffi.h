@@ -14,69 +14,38 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
-#include <type_traits>
 #include <vector>
 
+#include "optax8_job.h"
 #include "optax8_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace optax8 {
 
-constexpr int kMaxMoments = 3;
-
-struct MomentBuffers {
-  const uint8_t* codes;
-  const float* absmax;
-  uint8_t* new_codes;
-  float* new_absmax;
-};
-
-// One call's work, described by plain pointers and sizes.
-struct Job {
-  xla::ffi::DataType dtype;
-  const void* g;
-  void* update;
-  const float* hp;
-  int64_t row_length;      // the last axis
-  int64_t row_blocks;      // blocks per row
-  int64_t block_size;
-  int64_t rows_per_group;  // rows sharing one hp vector
-  int64_t total_blocks;
-  MomentBuffers moments[kMaxMoments];
-};
-
-// Calls visit(F{}) for the family F called `name`; false for an unknown name.
-template <class Visit>
-bool VisitFamily(std::string_view name, Visit&& visit) {
-  if (name == "adam") return visit(Adam{}), true;
-  if (name == "momentum") return visit(Momentum{}), true;
-  if (name == "lion") return visit(Lion{}), true;
-  if (name == "rmsprop") return visit(Rmsprop{}), true;
-  if (name == "adagrad") return visit(Adagrad{}), true;
-  if (name == "ademamix") return visit(Ademamix{}), true;
-  return false;
-}
-
-// Calls visit(std::integral_constant<int, flags>{}) when `flags` is a subset of F's flags and
-// the common ones, so that a kernel can be instantiated for each subset; false otherwise.
-template <class F, int kFlags = 0, class Visit>
-bool VisitFlags(int64_t flags, Visit&& visit) {
-  if constexpr (kFlags > kAllFlags) {
-    return false;
-  } else if constexpr ((kFlags & ~(F::kFlags | kCommonFlags)) == 0) {
-    if (flags == kFlags) return visit(std::integral_constant<int, kFlags>{}), true;
-    return VisitFlags<F, kFlags + 1>(flags, visit);
-  } else {
-    return VisitFlags<F, kFlags + 1>(flags, visit);
+// The number of the family called `name` (VisitFamily's), or -1.
+inline int FamilyNumber(std::string_view name) {
+  for (int id = 0; id < kNumFamilies; ++id) {
+    bool same = false;
+    VisitFamily(id, [&](auto family) { same = name == decltype(family)::kName; });
+    if (same) return id;
   }
+  return -1;
 }
 
-// Bit k: moment k of family F uses the signed map.
-template <class F>
-constexpr uint32_t SignedMaskOf() {
-  uint32_t mask = 0;
-  for (int k = 0; k < F::kMoments; ++k) mask |= F::kSigned[k] ? 1u << k : 0u;
-  return mask;
+// What a library was built with, as text that optax8 compares with update_math.kernel_contract():
+// the flag bits, then per family its name, scalars, flags and maps.
+inline std::string Contract() {
+  std::string text = "flags";
+  for (int k = 0; k < kNumFlags; ++k) text += std::string(" ") + kFlagNames[k] + "=" + std::to_string(1 << k);
+  for (int id = 0; id < kNumFamilies; ++id) {
+    VisitFamily(id, [&](auto family) {
+      using F = decltype(family);
+      text += std::string("; ") + F::kName + "(" + F::kScalarNames + ") flags=" + std::to_string(F::kFlags) +
+              " signed=";
+      for (int k = 0; k < F::kMoments; ++k) text += F::kSigned[k] ? "1" : "0";
+    });
+  }
+  return text;
 }
 
 inline bool SameDims(xla::ffi::Span<const int64_t> a, xla::ffi::Span<const int64_t> b) {
@@ -98,6 +67,9 @@ xla::ffi::Error DescribeJob(xla::ffi::AnyBuffer g, xla::ffi::Buffer<xla::ffi::F3
   if (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F16) {
     return ffi::Error::InvalidArgument("optax8: the gradient must be float32, bfloat16 or float16");
   }
+  const GradientType gradient_type = dtype == ffi::DataType::BF16  ? GradientType::kBF16
+                                     : dtype == ffi::DataType::F16 ? GradientType::kF16
+                                                                   : GradientType::kF32;
   const auto dims = g.dimensions();
   if (dims.size() == 0 || block_size <= 0) return ffi::Error::InvalidArgument("optax8: bad rank or block size");
   if (update->element_type() != dtype || !SameDims(update->dimensions(), dims)) {
@@ -111,8 +83,8 @@ xla::ffi::Error DescribeJob(xla::ffi::AnyBuffer g, xla::ffi::Buffer<xla::ffi::F3
   absmax_dims.back() = row_blocks;
   const ffi::Span<const int64_t> expected(absmax_dims.data(), absmax_dims.size());
 
-  *job = Job{dtype, g.untyped_data(), update->untyped_data(), hp.typed_data(), row_length, row_blocks, block_size,
-             1, rows * row_blocks, {}};
+  *job = Job{job->family, job->flags, gradient_type, g.untyped_data(), update->untyped_data(), hp.typed_data(),
+             row_length, row_blocks, block_size, 1, rows * row_blocks, {}};
   for (int k = 0; k < K; ++k) {
     auto codes = state.get<ffi::Buffer<ffi::U8>>(2 * k);
     auto absmax = state.get<ffi::Buffer<ffi::F32>>(2 * k + 1);
@@ -138,23 +110,24 @@ xla::ffi::Error DescribeJob(xla::ffi::AnyBuffer g, xla::ffi::Buffer<xla::ffi::F3
   return ffi::Error::Success();
 }
 
-// Checks and describes a call (as DescribeJob) of the family called `family`, and calls
-// pick(F{}, std::integral_constant<int, flags>{}) so that the handler can choose its kernel.
-template <class Pick>
-xla::ffi::Error PrepareJob(xla::ffi::AnyBuffer g, xla::ffi::Buffer<xla::ffi::F32> hp, xla::ffi::RemainingArgs state,
-                           xla::ffi::Result<xla::ffi::AnyBuffer> update, xla::ffi::RemainingRets new_state,
-                           std::string_view family, int64_t block_size, int64_t flags, int64_t signed_mask, Job* job,
-                           Pick&& pick) {
+// Checks and describes a call (as DescribeJob) of the family called `family` with `flags`.
+inline xla::ffi::Error PrepareJob(xla::ffi::AnyBuffer g, xla::ffi::Buffer<xla::ffi::F32> hp,
+                                  xla::ffi::RemainingArgs state, xla::ffi::Result<xla::ffi::AnyBuffer> update,
+                                  xla::ffi::RemainingRets new_state, std::string_view family, int64_t block_size,
+                                  int64_t flags, int64_t signed_mask, Job* job) {
   namespace ffi = xla::ffi;
-  bool flags_supported = false;
+  job->family = FamilyNumber(family);
+  job->flags = static_cast<int32_t>(flags);
+  if (job->family < 0) return ffi::Error::InvalidArgument("optax8: unknown family " + std::string(family));
   ffi::Error checked = ffi::Error::Success();
-  const bool known = VisitFamily(family, [&](auto family_tag) {
+  VisitFamily(job->family, [&](auto family_tag) {
     using F = decltype(family_tag);
-    flags_supported = VisitFlags<F>(flags, [&](auto flags_tag) { pick(family_tag, flags_tag); });
-    checked = DescribeJob<F>(g, hp, state, update, new_state, family, block_size, signed_mask, job);
+    if (flags < 0 || flags > kAllFlags || !VisitFlags<F>(static_cast<int>(flags), [](auto) {})) {
+      checked = ffi::Error::InvalidArgument("optax8: flags not supported by " + std::string(family));
+    } else {
+      checked = DescribeJob<F>(g, hp, state, update, new_state, family, block_size, signed_mask, job);
+    }
   });
-  if (!known) return ffi::Error::InvalidArgument("optax8: unknown family " + std::string(family));
-  if (!flags_supported) return ffi::Error::InvalidArgument("optax8: flags not supported by " + std::string(family));
   return checked;
 }
 

@@ -24,7 +24,19 @@
 #define OPTAX8_HD inline
 #endif
 
+// The CPU library compiles this header once per instruction set (optax8_cpu_<isa>.cc, each
+// defining OPTAX8_ISA as the set's name), in an inline namespace of that name, so that the
+// linker never merges one set's copy of an inline function into another's code.
+#if defined(OPTAX8_ISA)
+#define OPTAX8_ISA_NAMESPACE_BEGIN inline namespace OPTAX8_ISA {
+#define OPTAX8_ISA_NAMESPACE_END }
+#else
+#define OPTAX8_ISA_NAMESPACE_BEGIN
+#define OPTAX8_ISA_NAMESPACE_END
+#endif
+
 namespace optax8 {
+OPTAX8_ISA_NAMESPACE_BEGIN
 
 // bitsandbytes 0.50's dynamic maps, ascending; identical to optax8/_src/dynamic_maps.json
 // (tests/test_native.py checks every bit).
@@ -361,6 +373,27 @@ OPTAX8_HD float Decode(uint32_t code, float absmax) {
   return MapFor<kSigned>()[code] * absmax;
 }
 
+// A block's absmax is the largest claim of its elements: |x|, and on the signed map, whose most
+// negative entry is -0.99297 rather than -1, |x| * kNegativeStretch for a negative x, so that
+// the block's most negative value is code 0's instead of shrinking by 0.7% at every step
+// (quantization.NEGATIVE_STRETCH). As float bits: for non-negative floats the integer order of
+// the bits is the float order.
+inline constexpr float kNegativeStretch = 0x1.01d01p+0f;
+
+template <bool kSigned>
+OPTAX8_HD uint32_t ClaimBits(float x) {
+  const uint32_t magnitude = FloatToBits(x) & 0x7FFFFFFFu;
+  if constexpr (kSigned) {
+    return FloatToBits(BitsToFloat(magnitude) * (x < 0.0f ? kNegativeStretch : 1.0f));
+  } else {
+    return magnitude;
+  }
+}
+
+// The absmax of a block of finite values from its largest claim: float32's largest finite value
+// where the stretch alone overflowed.
+OPTAX8_HD float AbsmaxOfPeak(uint32_t peak) { return BitsToFloat(peak < 0x7F800000u ? peak : 0x7F7FFFFFu); }
+
 // The few operations the families' math needs beyond + - * /, for float; a SIMD kernel
 // overloads them for its vector type, so that one Step serves scalars and vectors.
 OPTAX8_HD float Sqrt(float x) { return sqrtf(x); }
@@ -371,12 +404,16 @@ OPTAX8_HD float Sign(float x) { return x > 0 ? 1.0f : (x < 0 ? -1.0f : x); }  //
 // family and lives in the kernels' element loop, not in a Step: an element whose gradient is
 // exactly zero keeps its decoded moments and gets a zero update, and a block whose gradient is
 // zero throughout keeps its codes and absmax as they are.
+// Bit k of `flags` is the option kFlagNames[k] (update_math.FLAG_BITS).
 enum Flag : int { kNesterov = 1, kEpsInSqrt = 2, kBiasCorrection = 4, kSkipZeros = 8 };
 inline constexpr int kCommonFlags = kSkipZeros;
 inline constexpr int kAllFlags = kNesterov | kEpsInSqrt | kBiasCorrection | kSkipZeros;
+inline constexpr int kNumFlags = 4;
+inline constexpr const char* kFlagNames[kNumFlags] = {"nesterov", "eps_in_sqrt", "bias_correction", "skip_zeros"};
 
-// Each family: kMoments and their maps (kSigned), the flags it reads, and its per-step scalars
-// in the order of its `scalars` function in update_math.py (kNumScalars floats). Prepare turns
+// Each family: its name, kMoments and their maps (kSigned), the flags it reads, and its
+// per-step scalars (kNumScalars floats, named in order by kScalarNames), all as update_math.py
+// declares them; the libraries export them (ContractOf) and optax8 checks them when it loads one. Prepare turns
 // them into the constants the elementwise Step uses; Step updates the moments in place and
 // returns the update, for one float or a vector of them (V). Formulas are update_math.py's,
 // operation for operation.
@@ -384,7 +421,9 @@ struct Adam {
   static constexpr int kMoments = 2;
   static constexpr bool kSigned[kMoments] = {true, false};
   static constexpr int kFlags = kNesterov;
-  static constexpr int kNumScalars = 7;  // b1, b2, eps, eps_root, bc1, bc2, bc1_next
+  static constexpr const char* kName = "adam";
+  static constexpr int kNumScalars = 7;
+  static constexpr const char* kScalarNames = "b1 b2 eps eps_root bc1 bc2 bc1_next";
   struct Consts {
     float b1, b2, one_minus_b1, one_minus_b2, eps, eps_root, inv_bc1, inv_bc2, inv_bc1_next;
   };
@@ -410,7 +449,9 @@ struct Momentum {
   static constexpr int kMoments = 1;
   static constexpr bool kSigned[kMoments] = {true};
   static constexpr int kFlags = kNesterov;
-  static constexpr int kNumScalars = 1;  // decay
+  static constexpr const char* kName = "momentum";
+  static constexpr int kNumScalars = 1;
+  static constexpr const char* kScalarNames = "decay";
   struct Consts {
     float decay;
   };
@@ -430,7 +471,9 @@ struct Lion {
   static constexpr int kMoments = 1;
   static constexpr bool kSigned[kMoments] = {true};
   static constexpr int kFlags = 0;
-  static constexpr int kNumScalars = 2;  // b1, b2
+  static constexpr const char* kName = "lion";
+  static constexpr int kNumScalars = 2;
+  static constexpr const char* kScalarNames = "b1 b2";
   struct Consts {
     float b1, b2, one_minus_b1, one_minus_b2;
   };
@@ -447,7 +490,9 @@ struct Rmsprop {
   static constexpr int kMoments = 1;
   static constexpr bool kSigned[kMoments] = {false};
   static constexpr int kFlags = kEpsInSqrt | kBiasCorrection;
-  static constexpr int kNumScalars = 3;  // decay, eps, bc
+  static constexpr const char* kName = "rmsprop";
+  static constexpr int kNumScalars = 3;
+  static constexpr const char* kScalarNames = "decay eps bc";
   struct Consts {
     float decay, one_minus_decay, eps, inv_bc;
   };
@@ -469,7 +514,9 @@ struct Adagrad {
   static constexpr int kMoments = 1;
   static constexpr bool kSigned[kMoments] = {false};
   static constexpr int kFlags = 0;
-  static constexpr int kNumScalars = 1;  // eps
+  static constexpr const char* kName = "adagrad";
+  static constexpr int kNumScalars = 1;
+  static constexpr const char* kScalarNames = "eps";
   struct Consts {
     float eps;
   };
@@ -485,7 +532,9 @@ struct Ademamix {
   static constexpr int kMoments = 3;
   static constexpr bool kSigned[kMoments] = {true, true, false};
   static constexpr int kFlags = 0;
-  static constexpr int kNumScalars = 8;  // b1, b2, b3, alpha, eps, eps_root, bc1, bc2
+  static constexpr const char* kName = "ademamix";
+  static constexpr int kNumScalars = 8;
+  static constexpr const char* kScalarNames = "b1 b2 b3 alpha eps eps_root bc1 bc2";
   struct Consts {
     float b1, b2, b3, one_minus_b1, one_minus_b2, one_minus_b3, alpha, eps, eps_root, inv_bc1, inv_bc2;
   };
@@ -502,6 +551,79 @@ struct Ademamix {
   }
 };
 
+// The families by number, in update_math.FAMILIES' order: visit(F{}) for family `id`; false
+// for an unknown number.
+inline constexpr int kNumFamilies = 6;
+
+template <class Visit>
+bool VisitFamily(int id, Visit&& visit) {  // host code only
+  switch (id) {
+    case 0: return visit(Adam{}), true;
+    case 1: return visit(Momentum{}), true;
+    case 2: return visit(Lion{}), true;
+    case 3: return visit(Rmsprop{}), true;
+    case 4: return visit(Adagrad{}), true;
+    case 5: return visit(Ademamix{}), true;
+    default: return false;
+  }
+}
+
+template <int kValue>
+struct FlagsTag {
+  static constexpr int value = kValue;
+};
+
+// visit(FlagsTag<flags>{}) when `flags` is a subset of F's flags and the common ones, so that a
+// kernel is instantiated for each subset; false otherwise.
+template <class F, int kFlags = 0, class Visit>
+bool VisitFlags(int flags, Visit&& visit) {  // host code only
+  if constexpr (kFlags > kAllFlags) {
+    return false;
+  } else if constexpr ((kFlags & ~(F::kFlags | kCommonFlags)) == 0) {
+    if (flags == kFlags) return visit(FlagsTag<kFlags>{}), true;
+    return VisitFlags<F, kFlags + 1>(flags, visit);
+  } else {
+    return VisitFlags<F, kFlags + 1>(flags, visit);
+  }
+}
+
+// Bit k: moment k of family F uses the signed map.
+template <class F>
+constexpr uint32_t SignedMaskOf() {
+  uint32_t mask = 0;
+  for (int k = 0; k < F::kMoments; ++k) mask |= F::kSigned[k] ? 1u << k : 0u;
+  return mask;
+}
+
+// The scalar forms of what GuardedStep needs; vector types overload them (optax8_avx2.h, ...).
+OPTAX8_HD bool Finite(float x) { return (FloatToBits(x) & 0x7F800000u) != 0x7F800000u; }
+OPTAX8_HD bool NonZero(float x) { return !(x == 0.0f); }  // NaN too
+OPTAX8_HD float Masked(float x, bool keep) { return keep ? x : 0.0f; }
+
+// One element's step (or one vector's, V), with every path's policy for what is not finite: a
+// non-finite gradient element counts as 0, and it, or a moment that the step makes non-finite,
+// resets the element's moments to +0 and gives it a zero update. Under kSkipZeros an element
+// whose gradient is exactly zero keeps its moments and gets a zero update; the others mark
+// `touched`. m holds the decoded moments and receives the new ones.
+template <class F, int kFlags, class V, class M>
+OPTAX8_HD V GuardedStep(V g, V (&m)[F::kMoments], const typename F::Consts& consts, M& touched) {
+  constexpr int K = F::kMoments;
+  auto keep = Finite(g);
+  V old[K];
+  for (int k = 0; k < K; ++k) old[k] = m[k];
+  V update = F::template Step<kFlags>(Masked(g, keep), m, consts);
+  if constexpr ((kFlags & kSkipZeros) != 0) {
+    const auto nonzero = NonZero(g);  // NaN too, which resets below
+    touched = touched | nonzero;
+    for (int k = 0; k < K; ++k) m[k] = Select(nonzero, m[k], old[k]);
+    update = Select(nonzero, update, V(0.0f));
+  }
+  for (int k = 0; k < K; ++k) keep = keep & Finite(m[k]);
+  for (int k = 0; k < K; ++k) m[k] = Masked(m[k], keep);
+  return Masked(update, keep);
+}
+
+OPTAX8_ISA_NAMESPACE_END
 }  // namespace optax8
 
 #endif  // OPTAX8_CUSTOM_CALLS_OPTAX8_MATH_H_

@@ -23,6 +23,7 @@ from optax8._src.labels import default_labels
 from optax8._src.native import get_implementation, set_implementation
 from optax8._src.offload import offload
 from optax8._src.quantization import (
+    NEGATIVE_STRETCH,
     SIGNED_MAP,
     UNSIGNED_MAP,
     QuantizedArray,
@@ -54,6 +55,7 @@ _integrations.register_export()  # jax.export's serialization of the state types
 __version__ = "0.1.0"
 
 __all__ = [
+    "NEGATIVE_STRETCH",
     "SIGNED_MAP",
     "UNSIGNED_MAP",
     "PercentileClippingState",

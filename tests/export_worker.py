@@ -14,12 +14,12 @@ import jax
 import numpy as np
 
 import optax8  # registers the serialization of optax8's state types
-from optax8._src import native
+from optax8._src import native_library
 
 
 def main(folder, register_kernels=False):
   folder = pathlib.Path(folder)
-  assert not native._problems, "importing optax8 loaded a kernel"
+  assert not native_library._problems, "importing optax8 loaded a kernel"
   if register_kernels:
     optax8.register_kernels()
   exported = jax.export.deserialize(bytearray((folder / "exported.bin").read_bytes()))

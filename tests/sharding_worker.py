@@ -27,7 +27,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax8
-from optax8._src import native
+from optax8._src import native_library
 
 MESH_AXES = ("fsdp", "tp")
 MESH_SHAPE = (4, 2)
@@ -187,7 +187,7 @@ def sharded_run(case: Case, mesh: Any) -> tuple[dict, tuple]:
   adamw_step = jax.jit(case.step(adamw)).lower(params, adamw_state, inputs[0]).compile()
   facts["collectives"] = collectives(step.as_text())
   facts["counterpart_collectives"] = collectives(adamw_step.as_text())
-  facts["custom_call"] = native.TARGET in step.as_text()
+  facts["custom_call"] = native_library.TARGET in step.as_text()
   trained = train(step, params, state, inputs)
   facts["types_changed"] = changed_types(state, trained[1])
   facts["state_misplaced"] = misplaced(trained[1], state_sharding)
@@ -205,14 +205,14 @@ def shard_mapped_run(mesh: Any) -> tuple[dict, tuple]:
   specs = jax.tree.map(lambda s: s.spec, (placement(mesh, PARAMS), state_sharding))
   step = jax.shard_map(step_fn(tx), in_specs=(*specs, specs[0]), out_specs=specs)
   compiled = jax.jit(step).lower(params, state, grads[0]).compile()
-  facts = {"collectives": collectives(compiled.as_text()), "custom_call": native.TARGET in compiled.as_text()}
+  facts = {"collectives": collectives(compiled.as_text()), "custom_call": native_library.TARGET in compiled.as_text()}
   return facts, train(compiled, params, state, grads)
 
 
 def matrix(implementation: str) -> dict:
   """Every case in every mode with one implementation: placement, communication, bits."""
   optax8.set_implementation(IMPLEMENTATIONS[implementation])
-  results = {"native_usable": native._kernel_usable()}
+  results = {"native_usable": native_library.usable()}
   expected = {name: run_on_one_device(case) for name, case in CASES.items()}
   expected["shard_map"] = expected["step"]  # the same step, written per device
   runs = {name: functools.partial(sharded_run, case) for name, case in CASES.items()}
@@ -298,7 +298,7 @@ def multiprocess(process_id: int, port: int, out: str) -> dict:
       grads = [global_arrays(g, params_sharding) for g in host_grads(PARAMS)]
       state, _ = sharded_init(tx, tx.init, params, params_sharding)
       step = jax.jit(step_fn(tx)).lower(params, state, grads[0]).compile()
-      facts[f"{mode}-custom_call"] = native.TARGET in step.as_text()
+      facts[f"{mode}-custom_call"] = native_library.TARGET in step.as_text()
       trained = multihost_utils.process_allgather(train(step, params, state, grads), tiled=True)
     trees.update({f"{mode}{k}": v for k, v in flat(trained).items()})
   if process_id == 0:
@@ -352,7 +352,7 @@ def update_options(implementation: str) -> dict:
     results[mode] = {
         "all_reduces": collectives(hlo).get("all-reduce", 0),
         "non_scalar_collectives": non_scalar_collectives(hlo),
-        "custom_call": native.TARGET in hlo,
+        "custom_call": native_library.TARGET in hlo,
         "state_differs_from_one_device": differences(expected[1], trained[1]),
         # The norms are sums over shards, in another order than on one device, and XLA may
         # contract the reference's multiply-adds (stochastic rounding's path) differently.

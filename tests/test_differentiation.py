@@ -26,9 +26,9 @@ import pytest
 from cases import CASES, CASES_BY_NAME, dequantize_tree
 
 import optax8
-from optax8._src import native
+from optax8._src import native_library
 
-TARGET = native.TARGET
+TARGET = native_library.TARGET
 # "w" has 8-bit moments (8000 elements, 63 blocks with a short last one per row); "b" keeps
 # 32-bit moments (fewer than min_8bit_size elements), computed by the reference on both paths.
 SHAPES = {"w": (8, 1000), "b": (10,)}

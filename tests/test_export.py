@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import optax8
-from optax8._src import native
+from optax8._src import native_library
 
 CPU = jax.devices("cpu")[0]
 WORKER = pathlib.Path(__file__).parent / "export_worker.py"
@@ -47,7 +47,7 @@ def assert_bit_identical(actual, expected):
 def test_exported_adamw8bit_step_round_trips_bit_identically():
   tx = optax8.adamw8bit(1e-3, weight_decay=0.1)
   exported, args = export_step(tx, disabled_checks=optax8.export_safety_checks())
-  assert native.TARGET in exported.mlir_module()
+  assert native_library.TARGET in exported.mlir_module()
   restored = jax.export.deserialize(exported.serialize())
   assert restored.in_tree == exported.in_tree and restored.out_tree == exported.out_tree
   assert_bit_identical(restored.call(*args), jax.jit(train_step(tx))(*args))
@@ -68,7 +68,7 @@ def call_in_fresh_process(folder, exported, args, *worker_args):
 def test_fresh_process_registers_the_kernel_when_deserializing(tmp_path):
   tx = optax8.adamw8bit(1e-3, weight_decay=0.1)
   exported, args = export_step(tx, disabled_checks=optax8.export_safety_checks())
-  assert native.TARGET in exported.mlir_module()
+  assert native_library.TARGET in exported.mlir_module()
   actual, out_tree = call_in_fresh_process(tmp_path, exported, args)
   expected = jax.jit(train_step(tx))(*args)
   assert out_tree == str(jax.tree.structure(expected))
@@ -81,7 +81,7 @@ def test_fresh_process_runs_a_kernel_without_state_in_its_signature_after_regist
   params, _, grads = step_inputs(tx)
   exported = jax.export.export(jax.jit(first_step), platforms=("cpu",),
                                disabled_checks=optax8.export_safety_checks())(params, grads)
-  assert native.TARGET in exported.mlir_module() and "QuantizedArray" not in str(exported.in_tree)
+  assert native_library.TARGET in exported.mlir_module() and "QuantizedArray" not in str(exported.in_tree)
   actual, _ = call_in_fresh_process(tmp_path, exported, ((params, grads), {}), "--register-kernels")
   assert_bit_identical(actual, jax.jit(first_step)(params, grads))
 
@@ -90,7 +90,7 @@ def test_reference_implementation_exports_without_disabled_checks():
   optax8.set_implementation("reference")
   tx = optax8.adamw8bit(1e-3, weight_decay=0.1)
   exported, args = export_step(tx)
-  assert native.TARGET not in exported.mlir_module()
+  assert native_library.TARGET not in exported.mlir_module()
   restored = jax.export.deserialize(exported.serialize())
   assert_bit_identical(restored.call(*args), jax.jit(train_step(tx))(*args))
 
@@ -98,7 +98,7 @@ def test_reference_implementation_exports_without_disabled_checks():
 def test_export_of_the_kernel_without_safety_checks_names_its_target():
   with pytest.raises(ValueError, match="custom calls whose targets have no compatibility guarantees") as error:
     export_step(optax8.adamw8bit(1e-3))
-  assert native.TARGET in str(error.value)
+  assert native_library.TARGET in str(error.value)
 
 
 def test_call_with_another_block_size_is_refused():

@@ -27,10 +27,10 @@ from cases import CASES
 
 import optax8
 from optax8._src import moments as moments_lib
-from optax8._src import native
+from optax8._src import native_call, native_library, update_math
 from optax8._src import quantization as qz
 
-TARGET = native.TARGET
+TARGET = native_library.TARGET
 FAMILIES = test_native.FAMILIES
 # Set in the subprocess that reruns this file without command buffers.
 NO_COMMAND_BUFFERS_ENV = "OPTAX8_TEST_NO_COMMAND_BUFFERS"
@@ -54,13 +54,13 @@ def build_disabled():
 @pytest.mark.skipif(shutil.which("nvcc") is None or build_disabled(),
                     reason="the CUDA kernel is built only where nvcc is found and OPTAX8_CUDA is not OFF")
 def test_build_included_the_cuda_kernel():
-  path = native._library_path("cuda")
+  path = native_library.library_path("cuda")
   assert path.is_file(), f"nvcc is on PATH but the install has no {path.name}"
   # It loads without a GPU (the CUDA runtime is linked in statically) and was compiled against
   # the same XLA FFI headers as the CPU kernel.
   library = ctypes.CDLL(str(path))
   version = library.Optax8CudaFfiApiVersion()
-  cpu_path = native._library_path("cpu")
+  cpu_path = native_library.library_path("cpu")
   if cpu_path.is_file():
     assert version == ctypes.CDLL(str(cpu_path)).Optax8FfiApiVersion()
 
@@ -73,7 +73,7 @@ def contracts_multiply_add(device):
 
 @pytest.fixture(scope="module")
 def gpu_contracts():
-  assert native._kernel_usable("cuda"), "the CUDA library did not load"
+  assert native_library.usable("cuda"), "the CUDA library did not load"
   return contracts_multiply_add(GPUS[0])
 
 
@@ -128,11 +128,11 @@ def leaf_case(key):
 @gpu
 @pytest.mark.parametrize("key", sorted(LEAF_CASES))
 def test_cuda_kernel_equals_cpu_kernel(key):
-  assert native._kernel_usable("cuda") and native._kernel_usable("cpu")
+  assert native_library.usable("cuda") and native_library.usable("cpu")
   family, static, g, moments, scalars = leaf_case(key)
   g = without_subnormals(g)
-  cuda = run_on(GPUS[0], native._kernel_update, family, static, g, moments, scalars)
-  cpu = run_on(jax.devices("cpu")[0], native._kernel_update, family, static, g, moments, scalars)
+  cuda = run_on(GPUS[0], native_call.update, family, static, g, moments, scalars)
+  cpu = run_on(jax.devices("cpu")[0], native_call.update, family, static, g, moments, scalars)
   test_native.assert_same(cuda, cpu, rtol=test_native.update_rtol(g.dtype))
 
 
@@ -140,7 +140,7 @@ def test_cuda_kernel_equals_cpu_kernel(key):
 @pytest.mark.parametrize("key", sorted(LEAF_CASES))
 def test_cuda_kernel_equals_reference_on_gpu(key, gpu_contracts):
   family, static, g, moments, scalars = leaf_case(key)  # subnormal gradient elements included
-  kernel = run_on(GPUS[0], native._kernel_update, family, static, g, moments, scalars)
+  kernel = run_on(GPUS[0], native_call.update, family, static, g, moments, scalars)
   reference = run_on(GPUS[0], moments_lib.reference_leaf_update, family, static, g, moments, scalars)
   if gpu_contracts:
     assert_close(kernel, reference, test_native.update_rtol(g.dtype))
@@ -159,12 +159,12 @@ def test_all_zero_and_non_finite_blocks():
   g[2, 5], g[2, 300] = np.inf, -np.inf
   g[3, 130:200] = 0.5
   scalars = family.scalars(jnp.int32(1), **hyper)
-  update, (m, v) = run_on(GPUS[0], native._kernel_update, family, static, jnp.asarray(g), moments, scalars)
+  update, (m, v) = run_on(GPUS[0], native_call.update, family, static, jnp.asarray(g), moments, scalars)
   update, m, v = np.asarray(update), jax.device_get(m), jax.device_get(v)
   assert np.all(np.isfinite(update)) and np.all(update[:3] == 0) and np.all(update[3, :128] == 0)
   assert np.all(np.asarray(m.absmax)[:3] == 0) and np.all(np.asarray(v.absmax)[:3] == 0)
   assert np.asarray(m.absmax)[3, 1] > 0 and np.asarray(v.absmax)[3, 1] > 0
-  cpu = run_on(jax.devices("cpu")[0], native._kernel_update, family, static, jnp.asarray(g), moments, scalars)
+  cpu = run_on(jax.devices("cpu")[0], native_call.update, family, static, jnp.asarray(g), moments, scalars)
   test_native.assert_same((update, [m, v]), cpu)
 
 
@@ -174,8 +174,8 @@ def test_all_zero_and_non_finite_blocks():
 def test_hypothesis_cuda_kernel_equals_cpu_kernel(case):
   family, static, g, moments, scalars = case
   g = without_subnormals(g)
-  cuda = run_on(GPUS[0], native._kernel_update, family, static, g, moments, scalars)
-  cpu = run_on(jax.devices("cpu")[0], native._kernel_update, family, static, g, moments, scalars)
+  cuda = run_on(GPUS[0], native_call.update, family, static, g, moments, scalars)
+  cpu = run_on(jax.devices("cpu")[0], native_call.update, family, static, g, moments, scalars)
   test_native.assert_same(cuda, cpu, rtol=test_native.update_rtol(g.dtype))
 
 
@@ -192,13 +192,13 @@ def test_vmap(batched_scalars):
   scalars_of = lambda b1: family.scalars(jnp.int32(5), b1=b1, b2=0.999, eps=1e-8, eps_root=0.0)
 
   def run(device):
-    update = lambda g, m, b1: native._kernel_update(family, static, g, m, scalars_of(b1))
+    update = lambda g, m, b1: native_call.update(family, static, g, m, scalars_of(b1))
     fn = jax.jit(jax.vmap(update, in_axes=(0, 0, 0 if batched_scalars else None)))
     args = jax.device_put((gs, ms, b1), device)
     assert TARGET in fn.lower(*args).as_text()
     return fn(*args)
 
-  assert native._kernel_usable("cuda")
+  assert native_library.usable("cuda")
   test_native.assert_same(run(GPUS[0]), run(jax.devices("cpu")[0]))
 
 
@@ -270,7 +270,7 @@ def test_donated_step_updates_the_state_in_place():
 
 @gpu
 def test_the_cuda_platform_gets_the_kernel():
-  assert native._kernel_usable("cuda")
+  assert native_library.usable("cuda")
   tx = optax8.adam8bit(1e-3)
   params = {"w": jnp.ones((8, 512))}
   allow = [jax.export.DisabledSafetyCheck.custom_call(TARGET)]
@@ -281,7 +281,7 @@ def test_the_cuda_platform_gets_the_kernel():
 @gpu
 def test_bad_attributes_are_errors_not_crashes():
   family, static, g, moments, scalars = test_native.leaf_case("momentum", (4, 256))
-  hp = jnp.stack([jnp.asarray(scalars[name], jnp.float32) for name in native.SCALAR_ORDER["momentum"]])
+  hp = jnp.stack([jnp.asarray(scalars[name], jnp.float32) for name in update_math.MOMENTUM.scalar_names])
   state = [moments[0].codes, moments[0].absmax]
   types = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (g, *state)]
   call = lambda **attributes: jax.ffi.ffi_call(TARGET, types)(*jax.device_put((g, hp, *state), GPUS[0]), **attributes)
@@ -301,7 +301,7 @@ def test_more_than_two_to_the_31_elements():
   family, static, hyper = FAMILIES["momentum"]
   rows, columns, block_size = 2**31 // 4096 + 2, 4096, 256
   keys = jax.random.split(jax.random.key(0), 3)
-  update_fn = jax.jit(functools.partial(native._kernel_update, family, static))
+  update_fn = jax.jit(functools.partial(native_call.update, family, static))
   with jax.default_device(GPUS[0]):
     g = jax.random.normal(keys[0], (rows, columns), jnp.bfloat16)
     codes = jax.random.randint(keys[1], (rows, columns), 0, 256, jnp.int32).astype(jnp.uint8)

@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 
 import optax8
 from optax8._src import moments as moments_lib
-from optax8._src import native, update_math
+from optax8._src import native, native_call, native_library, update_math
 from optax8._src import quantization as qz
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TARGET = native.TARGET
+TARGET = native_library.TARGET
 
 
 def xla_contracts_multiply_add() -> bool:
@@ -36,11 +36,11 @@ def xla_contracts_multiply_add() -> bool:
 # The kernel rounds every operation to float32, as the reference does where XLA does not
 # contract a*b+c. Where XLA contracts, it picks the fused product from the surrounding fusion
 # (the gradient's dtype, padding, ...), so bit parity is tested with contraction off:
-# test_kernel_is_bit_identical_to_the_reference_without_contraction reruns the parity tests
-# with --xla_cpu_max_isa=AVX.
+# test_every_instruction_set_is_bit_identical_to_the_reference_without_contraction reruns the
+# parity tests with --xla_cpu_max_isa=AVX, once per instruction set of the CPU kernel.
 NO_CONTRACTION_FLAG = "--xla_cpu_max_isa=AVX"
 parity = pytest.mark.skipif(
-    xla_contracts_multiply_add(), reason="run by test_kernel_is_bit_identical_to_the_reference_without_contraction"
+    xla_contracts_multiply_add(), reason="run by test_every_instruction_set_is_bit_identical_to_the_reference_without_contraction"
 )
 
 # family, static options, hyperparameters.
@@ -107,9 +107,9 @@ def random_gradient(rng, shape, dtype, block_size):
 
 def both(family, static, g, moments, scalars):
   """(kernel, reference) results of one leaf update, each compiled on its own."""
-  assert native._kernel_usable(), "the native library did not load"
+  assert native_library.usable(), "the native library did not load"
   run = lambda update: jax.jit(functools.partial(update, family, static))(g, moments, scalars)
-  return run(native._kernel_update), run(moments_lib.reference_leaf_update)
+  return run(native_call.update), run(moments_lib.reference_leaf_update)
 
 
 def assert_same(kernel, reference, rtol=2e-6, atol=1e-30):
@@ -259,9 +259,9 @@ def test_parity_vmap(batched_scalars):
     update = lambda g, m, b1: fn(family, static, g, m, scalars_of(b1))
     return jax.jit(jax.vmap(update, in_axes=(0, 0, 0 if batched_scalars else None)))(gs, ms, b1)
 
-  assert native._kernel_usable()
-  kernel = run(native._kernel_update)
-  assert TARGET in jax.jit(jax.vmap(lambda g, m: native._kernel_update(
+  assert native_library.usable()
+  kernel = run(native_call.update)
+  assert TARGET in jax.jit(jax.vmap(lambda g, m: native_call.update(
       family, static, g, m, scalars_of(0.9)))).lower(gs, ms).as_text()
   assert_same(kernel, run(moments_lib.reference_leaf_update))
 
@@ -326,7 +326,7 @@ def test_platform_picks_the_implementation():
 
   assert TARGET in exported(["cpu"]).mlir_module()
   # CUDA runs the kernel only where its library is registered (a machine with a CUDA backend).
-  assert (TARGET in exported(["cuda"]).mlir_module()) == native._kernel_usable("cuda")
+  assert (TARGET in exported(["cuda"]).mlir_module()) == native_library.usable("cuda")
   assert TARGET not in exported(["tpu"]).mlir_module()
 
 
@@ -390,25 +390,21 @@ def test_switching_the_implementation_retraces_functions_traced_before():
 @pytest.fixture
 def fresh_loader(monkeypatch):
   """Makes the next trace load the library anew (the registered one stays registered)."""
-  monkeypatch.setattr(native, "_problems", {})
-  monkeypatch.setattr(native, "_warned", set())
+  monkeypatch.setattr(native_library, "_problems", {})
+  monkeypatch.setattr(native_library, "_warned", set())
 
 
 def broken_library(kind, tmp_path, monkeypatch):
   if kind == "missing":
-    monkeypatch.setenv(native.LIBRARY_ENV, str(tmp_path / "nonexistent.so"))
+    monkeypatch.setenv(native_library.LIBRARY_ENV, str(tmp_path / "nonexistent.so"))
   elif kind == "not_a_library":
     path = tmp_path / "liboptax8_cpu.so"
     path.write_bytes(b"this is not an ELF file")
-    monkeypatch.setenv(native.LIBRARY_ENV, str(path))
-  elif kind == "built_for_another_cpu":  # as a library compiled with AVX2, on a CPU without it
-    if compiler() is None:
-      pytest.skip("needs a C++ compiler")
-    path = tmp_path / "liboptax8_cpu.so"
-    source = 'extern "C" int Optax8CpuSupported() { return 0; }'
-    subprocess.run([compiler(), "-shared", "-fPIC", "-x", "c++", "-", "-o", str(path)], input=source.encode(),
-                   check=True)
-    monkeypatch.setenv(native.LIBRARY_ENV, str(path))
+    monkeypatch.setenv(native_library.LIBRARY_ENV, str(path))
+  elif kind in ("cannot_run_here", "other_contract"):
+    contract = update_math.kernel_contract() + ("" if kind == "cannot_run_here" else "; adam8(x)")
+    isa = "error: OPTAX8_CPU_ISA=avx512 but this CPU lacks it" if kind == "cannot_run_here" else "scalar"
+    monkeypatch.setenv(native_library.LIBRARY_ENV, str(stub_library(tmp_path, contract, isa)))
   else:  # the library loads but jaxlib rejects it, as with FFI API version skew
 
     def reject(*args, **kwargs):
@@ -417,7 +413,22 @@ def broken_library(kind, tmp_path, monkeypatch):
     monkeypatch.setattr(jax.ffi, "register_ffi_target", reject)
 
 
-@pytest.mark.parametrize("kind", ["missing", "not_a_library", "built_for_another_cpu", "rejected"])
+def stub_library(tmp_path, contract, isa):
+  """A library with the CPU kernel's symbols, exporting `contract` and `isa`."""
+  if compiler() is None:
+    pytest.skip("needs a C++ compiler")
+  path = tmp_path / "liboptax8_cpu.so"
+  source = f"""
+    extern "C" int Optax8FfiApiVersion() {{ return 0; }}
+    extern "C" const char* Optax8CpuContract() {{ return "{contract}"; }}
+    extern "C" const char* Optax8CpuIsa() {{ return "{isa}"; }}
+    extern "C" void* Optax8CpuUpdate(void*) {{ return nullptr; }}
+  """
+  subprocess.run([compiler(), "-shared", "-fPIC", "-x", "c++", "-", "-o", str(path)], input=source.encode(), check=True)
+  return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "not_a_library", "cannot_run_here", "rejected"])
 def test_unusable_library_warns_once_and_falls_back(kind, tmp_path, monkeypatch, fresh_loader):
   broken_library(kind, tmp_path, monkeypatch)
   tx = optax8.sgd8bit(0.1, momentum=0.9)
@@ -435,6 +446,20 @@ def test_unusable_library_warns_once_and_falls_back(kind, tmp_path, monkeypatch,
   np.testing.assert_allclose(u["w"], -0.1 * 0.25)
 
 
+def test_a_library_built_from_other_kernel_declarations_is_an_error(tmp_path, monkeypatch, fresh_loader):
+  broken_library("other_contract", tmp_path, monkeypatch)
+  tx = optax8.adam8bit(1e-3)
+  params = {"w": jnp.ones((8, 512))}
+  with pytest.raises(RuntimeError, match="other kernel declarations"):
+    jax.jit(tx.update).lower(params, tx.init(params))
+
+
+def test_the_installed_library_exports_this_packages_kernel_declarations():
+  assert native_library.usable()
+  library = native_library._libraries["cpu"]
+  assert native_library._exported_text(library, "Optax8CpuContract") == update_math.kernel_contract()
+
+
 def test_native_implementation_raises_when_the_library_is_unusable(tmp_path, monkeypatch, fresh_loader):
   broken_library("missing", tmp_path, monkeypatch)
   optax8.set_implementation("native")
@@ -444,21 +469,38 @@ def test_native_implementation_raises_when_the_library_is_unusable(tmp_path, mon
     jax.jit(tx.update).lower(params, tx.init(params))
 
 
+def run_with_cpu_isa(isa, *args, env=None):
+  env = dict(os.environ if env is None else env, **{native_library.CPU_ISA_ENV: isa})
+  return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=900)
+
+
+def cpu_runs(isa):
+  probe = "from optax8._src import native_library; print(native_library.cpu_isa())"
+  return run_with_cpu_isa(isa, "-W", "ignore", "-c", probe).stdout.strip() == isa
+
+
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the flag is x86's")
-def test_kernel_is_bit_identical_to_the_reference_without_contraction():
-  if not xla_contracts_multiply_add():
-    pytest.skip("XLA does not contract here: the parity tests run in this process")
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_every_instruction_set_is_bit_identical_to_the_reference_without_contraction(isa):
+  # The parity tests again, in a process whose CPU kernel is forced to `isa`.
+  if not cpu_runs(isa):
+    pytest.skip(f"this CPU, or this build, has no {isa} path")
   env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {NO_CONTRACTION_FLAG}".strip())
-  command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-k", "parity",
-             "-W", "ignore::pytest.PytestAssertRewriteWarning", __file__]
-  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+  result = run_with_cpu_isa(isa, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-k", "parity",
+                            "-W", "ignore::pytest.PytestAssertRewriteWarning", __file__, env=env)
   assert result.returncode == 0 and " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-6000:]
 
 
+def test_an_instruction_set_the_cpu_kernel_lacks_is_refused_with_its_name():
+  result = run_with_cpu_isa("sse9", "-c", "from optax8._src import native_library; print(native_library.cpu_isa())")
+  assert result.stdout.strip() == "None"
+  assert "OPTAX8_CPU_ISA=sse9 is not one of auto, " in result.stderr, result.stderr
+
+
 def kernel_result(shape=(64, 4100)):
-  assert native._kernel_usable()
+  assert native_library.usable()
   family, static, g, moments, scalars = leaf_case("adam", shape, block_size=256)
-  u, (m, v) = jax.jit(functools.partial(native._kernel_update, family, static))(g, moments, scalars)
+  u, (m, v) = jax.jit(functools.partial(native_call.update, family, static))(g, moments, scalars)
   return dict(u=u, m_codes=m.codes, m_absmax=m.absmax, v_codes=v.codes, v_absmax=v.absmax)
 
 
@@ -495,5 +537,8 @@ def test_encoder_is_exact_for_every_float_in_the_maps_range(tmp_path):
   subprocess.run([compiler(), *flags, *native_flags, str(source), "-o", str(binary)], check=True)
   tables = [qz.SIGNED_MAP, qz.UNSIGNED_MAP, qz.encode_thresholds(True), qz.encode_thresholds(False)]
   stdin = " ".join(f"{v:08x}" for t in tables for v in np.asarray(t, np.float32).view(np.uint32))
-  result = subprocess.run([str(binary)], input=stdin, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0 and result.stdout.strip().endswith("0 failures"), result.stdout[-2000:]
+  result = subprocess.run([str(binary)], input=stdin, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0 and result.stdout.strip().endswith("\n0 failures"), result.stdout[-2000:]
+  # Every vector encoder the CPU kernel runs here was among those checked.
+  checked = result.stdout.splitlines()[-2].split()[2:]
+  assert native_library.cpu_isa() in checked, result.stdout[-2000:]

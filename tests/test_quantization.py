@@ -43,7 +43,9 @@ def numpy_quantize(x: np.ndarray, block_size: int, signed: bool):
   padded = np.zeros(x.shape[:-1] + (nb * block_size,), np.float32)
   padded[..., :n] = x
   blocks = padded.reshape(x.shape[:-1] + (nb, block_size))
-  absmax = np.abs(blocks).max(-1)
+  # The signed map's lowest entry is -0.99297: a negative value claims |x| * NEGATIVE_STRETCH.
+  claim = np.abs(blocks) * np.where(signed & (blocks < 0), optax8.NEGATIVE_STRETCH, np.float32(1))
+  absmax = claim.max(-1)
   safe = np.where(absmax == 0, np.float32(1), absmax)
   codes = brute_force_codes(blocks * (np.float32(1) / safe)[..., None], signed)  # as documented: x * (1 / absmax)
   return codes.reshape(padded.shape)[..., :n], absmax

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import sharding_worker as worker
 
-from optax8._src import native
+from optax8._src import native_library
 
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -132,7 +132,7 @@ def test_update_options_add_only_scalar_all_reduces_and_train_as_on_one_device_u
   assert 1 <= facts["all_reduces"], facts  # max_unorm's norms and the tensor-wise absmax of sharded tensors
   assert not facts["state_differs_from_one_device"]
   assert facts["params_max_relative_difference"] < 1e-6
-  assert facts["custom_call"] == (implementation == "native" and native._kernel_usable())
+  assert facts["custom_call"] == (implementation == "native" and native_library.usable())
 
 
 def test_checkpoint_restores_onto_another_mesh_and_training_continues_bit_identically(tmp_path):
@@ -166,7 +166,7 @@ def test_two_processes_train_together_bit_identically_to_one(tmp_path):
   assert all(w.returncode == 0 for w in workers), "\n".join(log[-4000:] for log in logs)
   facts = json.loads(outs[0].read_text())
   assert facts["devices"] == 8 and facts["local_devices"] == 4
-  if native._kernel_usable():
+  if native_library.usable():
     assert all(facts[f"{mode}-custom_call"] for mode in worker.MODES)
   trained = np.load(f"{outs[0]}.npz")
   tx, params = worker.optimizer(), worker.host_params(worker.PARAMS)

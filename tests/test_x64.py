@@ -12,7 +12,7 @@ import pytest
 from cases import CASE_NAMES, CASES_BY_NAME
 
 import optax8
-from optax8._src import native
+from optax8._src import native_library
 
 IMPLEMENTATIONS = ["reference", "native"]
 STEPS = 3  # from the second step on, updates read the quantized state back
@@ -154,7 +154,7 @@ def test_every_optimizer_updates_bit_identically_under_x64(name, implementation,
   assert_bit_identical(x32, x64_history)
   # The same float32 program in both modes, so XLA contracts a*b+c alike on every host.
   assert not WIDE_TYPE.search(text), WIDE_TYPE.findall(text)
-  assert (native.TARGET in text) == (implementation == "native")
+  assert (native_library.TARGET in text) == (implementation == "native")
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -173,7 +173,7 @@ def test_float64_params_get_float64_updates_and_8bit_state_under_x64(name, imple
     expected = run_steps(name, np.float32, steps=1)[0][0][0]
   with x64(True):
     history, text = run_steps(name, np.float64, steps=2)
-  assert native.TARGET not in text  # the kernel takes no float64: the reference computes these
+  assert native_library.TARGET not in text  # the kernel takes no float64: the reference computes these
   for updates, state in history:
     assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float64)}
     moments = jax.tree.leaves(state, is_leaf=optax8._src.quantization.is_quantized)

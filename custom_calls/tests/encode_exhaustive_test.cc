@@ -1,5 +1,5 @@
-// Exhaustive check of optax8_math.h's encoder (and optax8_avx2.h's, when compiled for AVX2),
-// run by tests/test_native.py.
+// Exhaustive check of optax8_math.h's encoder, and of optax8_avx2.h's and optax8_avx512.h's
+// when compiled for those instruction sets (-march=native), run by tests/test_native.py.
 //
 // Reads from stdin, as hexadecimal float32 bit patterns, the Python package's signed map,
 // unsigned map, signed thresholds and unsigned thresholds (256, 256, 255, 255 values), checks
@@ -11,8 +11,14 @@
 #include <cstdint>
 #include <cstdio>
 
-#include "optax8_avx2.h"
 #include "optax8_math.h"
+#if defined(__AVX2__)
+#include "optax8_avx2.h"
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define OPTAX8_TEST_AVX512 1
+#include "optax8_avx512.h"
+#endif
 
 namespace {
 
@@ -34,6 +40,23 @@ int ReadAndCompare(const char* name, const float* header, int n) {
 
 // Floats in increasing order are the integers FromOrderKey(key) for increasing key.
 float FromOrderKey(uint32_t key) { return optax8::BitsToFloat(key >> 31 ? key & 0x7FFFFFFFu : ~key); }
+
+// The vector encoder S::Encode on the floats with order keys [key, run_end], S::kLanes at a
+// time (a group past the run's end repeats its last float): how many do not encode to want.
+template <class S, bool kSigned>
+long CheckVectors(uint32_t key, uint32_t run_end, uint32_t want) {
+  long bad = 0;
+  for (uint64_t k = key; k <= run_end; k += S::kLanes) {
+    float x[S::kLanes];
+    for (uint64_t q = 0; q < S::kLanes; ++q) {
+      x[q] = FromOrderKey(static_cast<uint32_t>(k + q <= run_end ? k + q : run_end));
+    }
+    uint8_t codes[S::kLanes];
+    S::template Encode<kSigned>(S::Load(x), codes);
+    for (int q = 0; q < S::kLanes; ++q) bad += codes[q] != want;
+  }
+  return bad;
+}
 
 // Splits [-1, 1] into runs of floats between consecutive thresholds, on one side of zero,
 // where the definition gives one code, and compares Encode on every float of each run.
@@ -57,15 +80,11 @@ long CheckAllFloats(const float (&map)[256], const optax8::Thresholds& th) {
       want &= 0xFFu;
       long bad = 0;
       for (uint32_t k = key; k <= run_end; ++k) bad += optax8::Encode<kSigned>(FromOrderKey(k)) != want;
-#if defined(OPTAX8_AVX2)
-      // Eight floats at a time; a group past the run's end repeats its last float.
-      for (uint64_t k = key; k <= run_end; k += 8) {
-        alignas(32) float x[8];
-        for (uint64_t q = 0; q < 8; ++q) x[q] = FromOrderKey(static_cast<uint32_t>(k + q <= run_end ? k + q : run_end));
-        uint8_t codes[8];
-        optax8::Encode8<kSigned>(optax8::Vec8(_mm256_load_ps(x)), codes);
-        for (int q = 0; q < 8; ++q) bad += codes[q] != want;
-      }
+#if defined(__AVX2__)
+      bad += CheckVectors<optax8::Avx2, kSigned>(key, run_end, want);
+#endif
+#if defined(OPTAX8_TEST_AVX512)
+      bad += CheckVectors<optax8::Avx512, kSigned>(key, run_end, want);
 #endif
       if (bad != 0) {
         std::printf("%s map: %ld floats in [%a, %a] do not encode to %u\n", kSigned ? "signed" : "unsigned", bad,
@@ -87,6 +106,13 @@ int main() {
                   ReadAndCompare("unsigned thresholds", optax8::kUnsignedThresholds.t, 255);
   failures += CheckAllFloats<true>(optax8::kSignedMap, optax8::kSignedThresholds);
   failures += CheckAllFloats<false>(optax8::kUnsignedMap, optax8::kUnsignedThresholds);
-  std::printf("%ld failures\n", failures);
+  std::printf("encoders checked: scalar");
+#if defined(__AVX2__)
+  std::printf(" avx2");
+#endif
+#if defined(OPTAX8_TEST_AVX512)
+  std::printf(" avx512");
+#endif
+  std::printf("\n%ld failures\n", failures);
   return failures == 0 ? 0 : 1;
 }

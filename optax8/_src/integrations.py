@@ -61,7 +61,7 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from optax8._src import native
+from optax8._src import native, native_library
 from optax8._src import quantization as qz
 from optax8._src import sharding as sharding_lib
 
@@ -326,7 +326,7 @@ def export_safety_checks() -> list[jax.export.DisabledSafetyCheck]:
     >>> restored.in_tree == exported.in_tree
     True
   """
-  return [jax.export.DisabledSafetyCheck.custom_call(native.TARGET)]
+  return [jax.export.DisabledSafetyCheck.custom_call(native_library.TARGET)]
 
 
 def register_kernels() -> list[str]:
@@ -345,7 +345,7 @@ def register_kernels() -> list[str]:
     >>> set(optax8.register_kernels()) <= {"cpu", "cuda"}
     True
   """
-  return native._kernel_platforms()
+  return native.kernel_platforms()
 
 
 def _serialize_quantized(auxdata: tuple[int | None, bool]) -> bytes:
@@ -367,7 +367,7 @@ def _deserialize_quantized(data: bytes) -> tuple[int | None, bool]:
         "block_size > 0 (or null) and a bool signed (was the function exported by a newer optax8?)."
     )
   # The function may call the kernel: register it before XLA compiles the function.
-  native._kernel_platforms()
+  native.kernel_platforms()
   return block_size, signed
 
 

@@ -1,4 +1,4 @@
-"""The native kernels: loading them, choosing them, and calling them.
+"""Choosing between the native kernels and the reference, per update.
 
 optax8 computes each parameter's 8-bit update in one of three ways:
 
@@ -7,7 +7,8 @@ optax8 computes each parameter's 8-bit update in one of three ways:
 * the native CPU kernel, C++ called through the XLA FFI (``custom_calls/optax8_cpu.cc``): one
   fused, multi-threaded call per parameter that reads the gradient and the quantized state
   once and writes the update and the new state once, in place when the caller donates them
-  (``jax.jit(step, donate_argnums=...)`` for the parameters and optimizer state);
+  (``jax.jit(step, donate_argnums=...)`` for the parameters and optimizer state); its block
+  walk is compiled for several instruction sets, and it runs the best one the CPU has;
 * the CUDA kernel (``custom_calls/optax8_cuda.cu``): the same call, with the same operands,
   results and in-place aliasing, on XLA:GPU's stream.
 
@@ -24,95 +25,33 @@ platform the computation runs on, CPU or CUDA, and the reference on any other pl
 another choice is traced anew (what was already lowered, compiled or exported keeps its
 implementation), while the environment variable is meant to be set before the process starts.
 Under differentiation (``jax.jvp``, ``jax.grad``) the reference math defines the derivative of
-a kernel's update and the kernel still computes its values. Each shared library is loaded and
-registered with ``jax.ffi`` (under one target name for both platforms) the first time an update
-is traced, never at import, and the CUDA one only when JAX has a CUDA backend.
-``OPTAX8_NATIVE_LIBRARY`` and ``OPTAX8_CUDA_LIBRARY`` name other files to load instead of the
-CPU and the CUDA library installed with the package. If a library is missing, or was built
-for an incompatible jaxlib, optax8 warns once and uses the reference on that platform.
+a kernel's update and the kernel still computes its values. Loading the libraries is
+``native_library``'s, calling them ``native_call``'s.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import importlib.resources
 import os
-import pathlib
-import sys
-import threading
-import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
-import jaxlib
-import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
-from jaxlib import xla_client
 
+from optax8._src import native_call, native_library
 from optax8._src import quantization as qz
-from optax8._src import sharding as sharding_lib
 
-__all__ = ["get_implementation", "leaf_update", "set_implementation"]
+__all__ = ["get_implementation", "kernel_platforms", "leaf_update", "set_implementation"]
 
 IMPLEMENTATIONS = ("auto", "reference", "native")
 IMPLEMENTATION_ENV = "OPTAX8_IMPLEMENTATION"
-LIBRARY_ENV = "OPTAX8_NATIVE_LIBRARY"
-LIBRARY_NAME = "liboptax8_cpu" + (".dll" if sys.platform == "win32" else ".so")
-CUDA_LIBRARY_ENV = "OPTAX8_CUDA_LIBRARY"
-CUDA_LIBRARY_NAME = "liboptax8_cuda.so"
-# Versioned: a future change of operands or attributes gets a new name.
-TARGET = "optax8.update.v1"
 
-# Each family's per-step scalars in the order the kernel reads them (optax8_math.h).
-SCALAR_ORDER = {
-    "adam": ("b1", "b2", "eps", "eps_root", "bc1", "bc2", "bc1_next"),
-    "momentum": ("decay",),
-    "lion": ("b1", "b2"),
-    "rmsprop": ("decay", "eps", "bc"),
-    "adagrad": ("eps",),
-    "ademamix": ("b1", "b2", "b3", "alpha", "eps", "eps_root", "bc1", "bc2"),
-}
-# Static options, as bits of the kernel's `flags` attribute.
-FLAG_BITS = {"nesterov": 1, "eps_in_sqrt": 2, "bias_correction": 4, "skip_zeros": 8}
-KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-class _Library(NamedTuple):
-  """One platform's kernel library: how to find it and what it exports."""
-
-  description: str  # for messages
-  env: str  # the environment variable naming another file to load
-  name: str  # the file installed in the package
-  handler: str  # the FFI handler's symbol
-  version: str  # the symbol returning the XLA FFI API version it was built for
-  registry_platform: str  # its platform for jax.ffi.register_ffi_target
-  supported: str | None = None  # a symbol saying whether this machine can run the library
-
-
-LIBRARIES = {
-    "cpu": _Library(
-        "native CPU kernel", LIBRARY_ENV, LIBRARY_NAME, "Optax8CpuUpdate", "Optax8FfiApiVersion", "cpu",
-        supported="Optax8CpuSupported",  # the kernel is compiled for the building machine's CPU
-    ),
-    "cuda": _Library(
-        "CUDA kernel", CUDA_LIBRARY_ENV, CUDA_LIBRARY_NAME, "Optax8CudaUpdate", "Optax8CudaFfiApiVersion", "CUDA"
-    ),
-}
-
-_lock = threading.Lock()
 _implementation: str | None = None
 # set_implementation's choice in JAX's cache keys (tracing, lowering, compilation), so that a
 # function traced under another choice is traced anew, and found again under this one.
 _implementation_key = jax.make_user_context(None)
-# Per platform: why its kernel is unusable ("" when usable; absent until tried), and whether
-# that was said.
-_problems: dict[str, str] = {}
-_warned: set[str] = set()
-_libraries: dict[str, ctypes.CDLL] = {}  # the loaded libraries, kept referenced: XLA calls into them
 
 
 def set_implementation(name: str | None) -> None:
@@ -165,140 +104,10 @@ def get_implementation() -> str:
   return name
 
 
-def _library_path(platform: str = "cpu") -> pathlib.Path:
-  library = LIBRARIES[platform]
-  override = os.environ.get(library.env)
-  if override:
-    return pathlib.Path(override)
-  return pathlib.Path(str(importlib.resources.files("optax8") / library.name))
-
-
-def _no_backend(platform: str) -> str:
-  return f"no {platform.upper()} backend"
-
-
-def _register_options(platform: str) -> dict[str, Any]:
-  if platform != "cuda":
-    return {}
-  # The CUDA kernel only launches work on XLA's stream: it allocates nothing, never
-  # synchronises or copies to the host, and its launch depends on shapes, attributes and the
-  # device alone, never on buffer contents. XLA may therefore capture it into its command
-  # buffers (CUDA graphs) with the rest of the step, instead of splitting the graph at every
-  # parameter. tests/test_gpu.py runs with command buffers on and off.
-  traits = getattr(xla_client, "CustomCallTargetTraits", None)
-  return {"traits": traits.COMMAND_BUFFER_COMPATIBLE} if traits is not None else {}
-
-
-def _load(platform: str = "cpu") -> str:
-  """Loads and registers a kernel; returns why it is unusable, or "" when it is usable."""
-  library_spec = LIBRARIES[platform]
-  try:
-    # Register only after the platform's backend exists: registering an incompatible handler
-    # before backend initialisation would make the backend itself fail to start.
-    jax.devices(platform)
-  except RuntimeError:
-    return _no_backend(platform)
-  path = _library_path(platform)
-  if not path.is_file():
-    return f"{path} does not exist (optax8 was installed without its {library_spec.description})"
-  try:
-    library = ctypes.CDLL(str(path))
-    if library_spec.supported and not getattr(library, library_spec.supported)():
-      return (f"{path} was built for a CPU with AVX2, which this one lacks (reinstall optax8 on this "
-              "machine: pip builds the kernel for the CPU it builds on)")
-    built_for = getattr(library, library_spec.version)()
-    handler = jax.ffi.pycapsule(getattr(library, library_spec.handler))
-  except (OSError, AttributeError) as e:
-    return f"cannot load {path}: {e}"
-  try:
-    jax.ffi.register_ffi_target(
-        TARGET, handler, platform=library_spec.registry_platform, **_register_options(platform)
-    )
-  except Exception as e:  # noqa: BLE001 - XLA reports version skew with its own error types
-    return (
-        f"jaxlib {jaxlib.__version__} rejected {path}, built for XLA FFI API "
-        f"{built_for // 1000}.{built_for % 1000}: {e}"
-    )
-  _libraries[platform] = library
-  return ""
-
-
-def _kernel_usable(platform: str = "cpu") -> bool:
-  """Whether the platform's kernel is registered; loads it on first use, warns once if it cannot."""
-  with _lock:
-    if platform not in _problems:
-      _problems[platform] = _load(platform)
-    problem = _problems[platform]
-    warn = bool(problem) and platform not in _warned and problem != _no_backend(platform)
-    if warn:
-      _warned.add(platform)
-  # Without a CUDA backend there is no CUDA kernel to ask for.
-  if problem and get_implementation() == "native" and (platform == "cpu" or problem != _no_backend(platform)):
-    raise RuntimeError(
-        f"optax8: the native kernel was requested but the {LIBRARIES[platform].description} is unusable: {problem}"
-    )
-  if warn:
-    warnings.warn(
-        f"optax8: the {LIBRARIES[platform].description} is unusable ({problem}); using the pure-JAX "
-        f"reference implementation on {platform.upper()} instead (same results, slower). Set "
-        f"{IMPLEMENTATION_ENV}=reference to choose it explicitly.",
-        RuntimeWarning,
-        stacklevel=4,
-    )
-  return not problem
-
-
-def _kernel_platforms() -> list[str]:
-  """The platforms whose kernel is usable (loading each on first use)."""
-  return [platform for platform in LIBRARIES if _kernel_usable(platform)]
-
-
-def _kernel_applies(family: Any, static: Mapping[str, Any], g: jax.Array, moments: Sequence[Any],
-                    scalars: Mapping[str, Any]) -> bool:
-  """Whether the kernels compute this update (where one is usable)."""
-  if get_implementation() == "reference":
-    return False
-  order = SCALAR_ORDER.get(family.name)
-  return (
-      order is not None
-      and set(scalars) == set(order)
-      and all(jnp.ndim(v) == 0 for v in scalars.values())
-      and set(static) <= set(FLAG_BITS)
-      and all(qz.is_quantized(m) for m in moments)
-      and tuple(m.signed for m in moments) == tuple(family.signed)
-      and len({m.block_size for m in moments}) == 1
-      and moments[0].block_size is not None  # one absmax per tensor: a two-pass update, the reference's
-      and jnp.dtype(g.dtype) in KERNEL_DTYPES
-  )
-
-
-def _kernel_update(family: Any, static: Mapping[str, Any], g: jax.Array, moments: Sequence[qz.QuantizedArray],
-                   scalars: Mapping[str, jax.Array]) -> tuple[jax.Array, list[qz.QuantizedArray]]:
-  """One parameter's update as one FFI call (CPU or CUDA kernel), on each device's own blocks."""
-  hp = jnp.stack([jnp.asarray(scalars[name], jnp.float32) for name in SCALAR_ORDER[family.name]])
-  state = [x for m in moments for x in (m.codes, m.absmax)]
-  attributes = dict(
-      family=family.name,
-      block_size=np.int64(moments[0].block_size),
-      flags=np.int64(sum(bit for name, bit in FLAG_BITS.items() if static.get(name))),
-      signed=np.int64(sum(1 << k for k, m in enumerate(moments) if m.signed)),
-  )
-
-  def call(g, hp, *state):
-    return jax.ffi.ffi_call(
-        TARGET,
-        # Typed like the operands: shardings (sharding-in-types) and manual axes (shard_map).
-        [jax.typeof(x) for x in (g, *state)],
-        # In place: the update overwrites g, the new state the old one (given donation).
-        input_output_aliases={0: 0, **{i + 2: i + 1 for i in range(len(state))}},
-    )(g, hp, *state, **attributes)
-
-  # Partitioned with the operands' sharding; under vmap, batched operands are more rows.
-  update, *new_state = sharding_lib.partitioned_by_blocks(call, moments[0].block_size)(g, hp, *state)
-  return update, [
-      qz.QuantizedArray(new_state[2 * k], new_state[2 * k + 1], m.block_size, m.signed)
-      for k, m in enumerate(moments)
-  ]
+def kernel_platforms() -> list[str]:
+  """The platforms whose kernel is usable, loading each on first use; raises for an unusable one
+  under the ``"native"`` implementation."""
+  return native_library.usable_platforms(required=get_implementation() == "native")
 
 
 def _call(*operands: jax.Array, fn: Callable[..., list[jax.Array]], num_results: int) -> list[jax.Array]:
@@ -342,7 +151,7 @@ def _dispatcher(reference: Callable[..., Any], family: Any, static: tuple[tuple[
   Jitted, so that the parameters of one shape and dtype share one trace and one lowering.
   """
   static = dict(static)
-  kernel = functools.partial(_kernel_update, family, static)
+  kernel = functools.partial(native_call.update, family, static)
   reference = functools.partial(reference, family, static)
   default = functools.partial(_staged_reference, reference)
 
@@ -409,7 +218,8 @@ def leaf_update(
   Returns:
     The update, in ``g``'s dtype, and the new moments.
   """
-  platforms = _kernel_platforms() if _kernel_applies(family, static, g, moments, scalars) else []
+  applies = get_implementation() != "reference" and native_call.applies(family, static, g, moments, scalars)
+  platforms = kernel_platforms() if applies else []
   if not platforms:
     return reference(family, static, g, moments, scalars)
   dispatch = _dispatcher(reference, family, tuple(static.items()), tuple(platforms))

@@ -2,7 +2,8 @@
 
 A tensor ``s`` of shape ``(..., n)`` is cut into blocks of ``block_size`` elements along its
 last axis (the last block of a row may be short). Each block ``b`` stores one float32
-``absmax[..., b] = max |s|`` and one uint8 code per element::
+``absmax[..., b] = max |s|`` (see :data:`NEGATIVE_STRETCH` for the signed map) and one uint8
+code per element::
 
     code = nearest_code(s / absmax)          # nearest entry of a 256-entry map
     s    ~ qmap[code] * absmax               # dequantization
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "NEGATIVE_STRETCH",
     "SIGNED_MAP",
     "UNSIGNED_MAP",
     "QuantizedArray",
@@ -50,6 +52,13 @@ def _load_maps() -> tuple[np.ndarray, np.ndarray]:
 SIGNED_MAP, UNSIGNED_MAP = _load_maps()
 SIGNED_MAP.flags.writeable = False
 UNSIGNED_MAP.flags.writeable = False
+
+
+# The signed map's most negative entry is -0.99297, not -1. A block whose largest magnitude is
+# a negative value takes that magnitude times this as its absmax, so that the value is code 0's
+# (to float32 rounding) instead of shrinking by 0.7% each time the block is re-quantized, which
+# an EMA with beta near 1 (Lion's, AdEMAMix's slow one) cannot outgrow.
+NEGATIVE_STRETCH = np.float32(1 / -np.float64(SIGNED_MAP[0]))
 
 
 def dynamic_map(signed: bool) -> np.ndarray:
@@ -336,13 +345,26 @@ def _round_stochastically(codes: jax.Array, y: jax.Array, signed: bool, bits: ja
   return rounded.astype(jnp.uint8)
 
 
+def _absmax(x: jax.Array, signed: bool, axis: int | None) -> jax.Array:
+  """The scale of each block (of ``x`` along ``axis``): its largest magnitude, a negative value's
+  times :data:`NEGATIVE_STRETCH` on the signed map; ``float32``'s largest finite value where that
+  product alone overflows."""
+  magnitude = jnp.abs(x)
+  if not signed:
+    return jnp.max(magnitude, axis=axis, initial=0.0)
+  absmax = jnp.max(magnitude * jnp.where(x < 0, NEGATIVE_STRETCH, np.float32(1)), axis=axis, initial=0.0)
+  overflowed = jnp.isinf(absmax) & ~jnp.isinf(jnp.max(magnitude, axis=axis, initial=0.0))
+  return jnp.where(overflowed, np.finfo(np.float32).max, absmax)
+
+
 def quantize_blockwise(
     x: jax.Array, block_size: int | None = 256, *, signed: bool = True, rounding_bits: jax.Array | None = None
 ) -> QuantizedArray:
   """Quantizes ``x`` blockwise along its last axis.
 
-  ``absmax`` is each block's largest magnitude; the codes are the nearest map entries of
-  ``x * (1 / absmax)`` in float32. An all-zero block has absmax 0 and encodes to the
+  ``absmax`` is each block's largest magnitude (on the signed map, a negative value's times
+  :data:`NEGATIVE_STRETCH`, so that it decodes to itself); the codes are the nearest map entries
+  of ``x * (1 / absmax)`` in float32. An all-zero block has absmax 0 and encodes to the
   code of exact 0, so it decodes to zeros without NaN.
 
   Args:
@@ -378,11 +400,11 @@ def quantize_blockwise(
     return codes if bits is None else _round_stochastically(codes, y, signed, bits)
 
   if block_size is None:  # one block: the whole tensor, without reshaping a sharded array
-    absmax = jnp.max(jnp.abs(x), initial=0.0)
+    absmax = _absmax(x, signed, axis=None)
     codes = codes_of(x * (1 / jnp.where(absmax == 0, 1.0, absmax)), rounding_bits)
     return QuantizedArray(codes, absmax, None, bool(signed))
   blocks = _blocked(x, block_size)
-  absmax = jnp.max(jnp.abs(blocks), axis=-1, initial=0.0)
+  absmax = _absmax(blocks, signed, axis=-1)
   scale = jnp.where(absmax == 0, 1.0, absmax)[..., None]
   # x / absmax as XLA computes it in most programs; written out to be the same in all.
   bits = None if rounding_bits is None else _blocked(rounding_bits, block_size)

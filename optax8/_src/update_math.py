@@ -24,20 +24,29 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ADAM", "ADAGRAD", "ADEMAMIX", "LION", "MOMENTUM", "RMSPROP", "Family"]
+__all__ = [
+    "ADAM", "ADAGRAD", "ADEMAMIX", "COMMON_FLAGS", "FAMILIES", "FLAG_BITS", "LION", "MOMENTUM", "RMSPROP", "Family",
+    "kernel_contract",
+]
 
 f32 = jnp.float32
 
+# The static options a kernel takes, as bits of its `flags` attribute (optax8_math.h's Flag).
+FLAG_BITS = {"nesterov": 1, "eps_in_sqrt": 2, "bias_correction": 4, "skip_zeros": 8}
+# The ones every family takes (the moments' wrapper applies them, not ``elementwise``).
+COMMON_FLAGS = ("skip_zeros",)
+
 
 class Family(NamedTuple):
-  """One optimizer family's math.
+  """One optimizer family's math, and its kernels' interface.
 
   Attributes:
     name: the family's name (it also names the native kernel).
     scalars: ``(count, **hyperparams) -> dict`` of float32 scalars.
-    elementwise: ``(g, moments, **scalars, **static) -> (update, moments)``.
+    elementwise: ``(g, moments, **scalars, **flags) -> (update, moments)``.
     signed: for each moment, whether it uses the signed dynamic map.
-    static: names of the static (bool) options ``elementwise`` takes.
+    scalar_names: the keys of ``scalars``' result, in the order a kernel reads them.
+    flags: the static (bool) options ``elementwise`` takes (keys of :data:`FLAG_BITS`).
     initial: for each moment, the hyperparameter holding its initial value (``None``: 0).
   """
 
@@ -45,7 +54,8 @@ class Family(NamedTuple):
   scalars: Callable[..., dict]
   elementwise: Callable[..., tuple]
   signed: tuple[bool, ...]
-  static: tuple[str, ...] = ()
+  scalar_names: tuple[str, ...]
+  flags: tuple[str, ...] = ()
   initial: tuple[str | None, ...] | None = None
 
 
@@ -182,14 +192,36 @@ def _ademamix(g, moments, *, b1, b2, b3, alpha, eps, eps_root, bc1, bc2):
   return u, (m1, m2, nu)
 
 
-ADAM = Family("adam", _adam_scalars, _adam, signed=(True, False), static=("nesterov",))
-MOMENTUM = Family("momentum", _momentum_scalars, _momentum, signed=(True,), static=("nesterov",))
-LION = Family("lion", _lion_scalars, _lion, signed=(True,))
+ADAM = Family(
+    "adam", _adam_scalars, _adam, signed=(True, False),
+    scalar_names=("b1", "b2", "eps", "eps_root", "bc1", "bc2", "bc1_next"), flags=("nesterov",),
+)
+MOMENTUM = Family("momentum", _momentum_scalars, _momentum, signed=(True,), scalar_names=("decay",),
+                  flags=("nesterov",))
+LION = Family("lion", _lion_scalars, _lion, signed=(True,), scalar_names=("b1", "b2"))
 # RMSprop's and Adagrad's states are non-negative: the unsigned map gives them all 256 codes
 # (bitsandbytes stores them with the signed map, whose negative half they never use).
 RMSPROP = Family(
-    "rmsprop", _rms_scalars, _rms, signed=(False,), static=("eps_in_sqrt", "bias_correction"),
-    initial=("initial_scale",),
+    "rmsprop", _rms_scalars, _rms, signed=(False,), scalar_names=("decay", "eps", "bc"),
+    flags=("eps_in_sqrt", "bias_correction"), initial=("initial_scale",),
 )
-ADAGRAD = Family("adagrad", _rss_scalars, _rss, signed=(False,), initial=("initial_accumulator_value",))
-ADEMAMIX = Family("ademamix", _ademamix_scalars, _ademamix, signed=(True, True, False))
+ADAGRAD = Family("adagrad", _rss_scalars, _rss, signed=(False,), scalar_names=("eps",),
+                 initial=("initial_accumulator_value",))
+ADEMAMIX = Family(
+    "ademamix", _ademamix_scalars, _ademamix, signed=(True, True, False),
+    scalar_names=("b1", "b2", "b3", "alpha", "eps", "eps_root", "bc1", "bc2"),
+)
+
+# Every family, in the order of the kernels' family table (optax8_math.h's VisitFamily).
+FAMILIES = (ADAM, MOMENTUM, LION, RMSPROP, ADAGRAD, ADEMAMIX)
+
+
+def kernel_contract() -> str:
+  """The families' kernel interface as text, in the form each kernel library exports it
+  (``optax8_ffi.h``'s ``Contract``): optax8 refuses a library that was built with another."""
+  parts = ["flags " + " ".join(f"{name}={bit}" for name, bit in FLAG_BITS.items())]
+  for family in FAMILIES:
+    flags = sum(FLAG_BITS[name] for name in family.flags)
+    signed = "".join("1" if s else "0" for s in family.signed)
+    parts.append(f"{family.name}({' '.join(family.scalar_names)}) flags={flags} signed={signed}")
+  return "; ".join(parts)

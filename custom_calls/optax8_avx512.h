@@ -1,0 +1,117 @@
+// optax8_math.h's per-element operations on sixteen float32 lanes with AVX-512 (F, BW, VL,
+// DQ), for the CPU kernel's AVX-512 unit (optax8_cpu_avx512.cc): as optax8_avx2.h, with mask
+// registers for lane masks. Each lane computes exactly the bits the scalar code computes.
+#ifndef OPTAX8_CUSTOM_CALLS_OPTAX8_AVX512_H_
+#define OPTAX8_CUSTOM_CALLS_OPTAX8_AVX512_H_
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "optax8_math.h"
+
+namespace optax8 {
+OPTAX8_ISA_NAMESPACE_BEGIN
+
+struct Vec16 {
+  __m512 v;
+  Vec16() = default;
+  OPTAX8_HD Vec16(__m512 x) : v(x) {}
+  OPTAX8_HD Vec16(float x) : v(_mm512_set1_ps(x)) {}
+};
+struct Mask16 {
+  __mmask16 k;
+};
+OPTAX8_HD Vec16 operator+(Vec16 a, Vec16 b) { return _mm512_add_ps(a.v, b.v); }
+OPTAX8_HD Vec16 operator-(Vec16 a, Vec16 b) { return _mm512_sub_ps(a.v, b.v); }
+OPTAX8_HD Vec16 operator*(Vec16 a, Vec16 b) { return _mm512_mul_ps(a.v, b.v); }
+OPTAX8_HD Vec16 operator/(Vec16 a, Vec16 b) { return _mm512_div_ps(a.v, b.v); }
+OPTAX8_HD Mask16 operator>(Vec16 a, Vec16 b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ)}; }
+OPTAX8_HD Mask16 operator&(Mask16 a, Mask16 b) { return {static_cast<__mmask16>(a.k & b.k)}; }
+OPTAX8_HD Mask16 operator|(Mask16 a, Mask16 b) { return {static_cast<__mmask16>(a.k | b.k)}; }
+OPTAX8_HD Vec16 Sqrt(Vec16 x) { return _mm512_sqrt_ps(x.v); }
+OPTAX8_HD Vec16 Select(Mask16 condition, Vec16 if_true, Vec16 if_false) {
+  return _mm512_mask_blend_ps(condition.k, if_false.v, if_true.v);
+}
+// As the scalar Sign (jnp.sign): ±1 with x's sign, except that ±0 and NaN stay.
+OPTAX8_HD Vec16 Sign(Vec16 x) {
+  const __m512 unit = _mm512_or_ps(_mm512_and_ps(x.v, _mm512_set1_ps(-0.0f)), _mm512_set1_ps(1.0f));
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_NEQ_OQ), x.v, unit);
+}
+OPTAX8_HD Mask16 Finite(Vec16 x) {
+  const __m512i exponent = _mm512_set1_epi32(0x7F800000);
+  return {_mm512_cmpneq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(x.v), exponent), exponent)};
+}
+OPTAX8_HD Mask16 NonZero(Vec16 x) { return {_mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_NEQ_UQ)}; }
+// x, with +0 in the lanes where keep is clear.
+OPTAX8_HD Vec16 Masked(Vec16 x, Mask16 keep) { return _mm512_maskz_mov_ps(keep.k, x.v); }
+
+struct Avx512 {
+  static constexpr int64_t kLanes = 16;
+  using Vec = Vec16;
+  using Mask = Mask16;
+  using Peak = __m512i;  // per lane, the largest ClaimBits so far
+
+  OPTAX8_HD static Vec Load(const float* p) { return _mm512_loadu_ps(p); }
+  OPTAX8_HD static void Store(float* p, Vec x) { _mm512_storeu_ps(p, x.v); }
+  OPTAX8_HD static Mask NoLanes() { return {0}; }
+  OPTAX8_HD static bool Any(Mask m) { return m.k != 0; }
+
+  // values[j] = map[codes[j]] for j < n, a multiple of kLanes: scalar loads (as optax8_avx2.h).
+  template <bool kSigned>
+  OPTAX8_HD static void LookupMap(const uint8_t* __restrict__ codes, int64_t n, float* __restrict__ values) {
+    const float* map = MapFor<kSigned>();
+    for (int64_t j = 0; j < n; j += 8) {
+      uint64_t eight;
+      std::memcpy(&eight, codes + j, sizeof(eight));
+      for (int q = 0; q < 8; ++q) values[j + q] = map[(eight >> (8 * q)) & 0xFFu];
+    }
+  }
+
+  // Encode<kSigned> of sixteen values, stored as sixteen bytes.
+  template <bool kSigned>
+  OPTAX8_HD static void Encode(Vec x, uint8_t* codes) {
+    const auto& table = EncodeTableFor<kSigned>();
+    using Table = EncodeTable<kSigned ? 6 : 7>;
+    constexpr int kSubBits = 23 - Table::kKeyBits;
+    const __m512i bits = _mm512_castps_si512(x.v);
+    const __m512i sign = _mm512_srai_epi32(bits, 31);
+    __m512i row_sub = _mm512_srli_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)), Table::kKeyBits);
+    row_sub = _mm512_sub_epi32(row_sub, _mm512_set1_epi32((kMinExponent - 1) << kSubBits));
+    row_sub = _mm512_min_epi32(_mm512_max_epi32(row_sub, _mm512_setzero_si512()),
+                               _mm512_set1_epi32((kRows << kSubBits) - 1));
+    const __m512i index = _mm512_or_si512(row_sub, _mm512_and_si512(sign, _mm512_set1_epi32(kRows << kSubBits)));
+    const __m512i entry = _mm512_i32gather_epi32(index, table.entry, 4);
+    const __m512i position = _mm512_and_si512(_mm512_xor_si512(bits, sign), _mm512_set1_epi32(Table::kKeyMask));
+    const __mmask16 above = _mm512_cmpgt_epi32_mask(position, _mm512_and_si512(entry, _mm512_set1_epi32(0xFFFFFF)));
+    __m512i code = _mm512_srli_epi32(entry, 24);
+    code = _mm512_mask_add_epi32(code, above, code, _mm512_set1_epi32(1));
+    if constexpr (!kSigned) {  // a positive x is never code 0 (see Encode)
+      code = _mm512_max_epi32(code, _mm512_maskz_mov_epi32(_mm512_cmpgt_epi32_mask(bits, _mm512_setzero_si512()),
+                                                           _mm512_set1_epi32(1)));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(code));
+  }
+
+  OPTAX8_HD static Peak NoPeak() { return _mm512_setzero_si512(); }
+
+  // peak, raised by ClaimBits<kSigned> of x's lanes.
+  template <bool kSigned>
+  OPTAX8_HD static Peak RaisePeak(Peak peak, Vec x) {
+    __m512 claim = _mm512_and_ps(x.v, _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF)));
+    if constexpr (kSigned) {
+      // The stretch for lanes with the sign bit set (-0 too, whose claim is 0).
+      const __mmask16 negative = _mm512_movepi32_mask(_mm512_castps_si512(x.v));
+      claim = _mm512_mask_mul_ps(claim, negative, claim, _mm512_set1_ps(kNegativeStretch));
+    }
+    return _mm512_max_epu32(peak, _mm512_castps_si512(claim));
+  }
+
+  OPTAX8_HD static uint32_t PeakOf(Peak x) { return _mm512_reduce_max_epu32(x); }
+};
+
+OPTAX8_ISA_NAMESPACE_END
+}  // namespace optax8
+
+#endif  // OPTAX8_CUSTOM_CALLS_OPTAX8_AVX512_H_

@@ -1,0 +1,240 @@
+// The CPU kernel's block walk, compiled once per instruction set (optax8_cpu_<isa>.cc): per
+// block of the last axis, decode the moments, GuardedStep of the family's float32 math
+// (optax8_math.h), take the new absmax and re-encode. S is the set's vector operations
+// (optax8_avx2.h's Avx2, optax8_avx512.h's Avx512) or NoVectors; the elements past the last
+// whole vector, and every element under NoVectors, take the scalar path, with the same bits.
+//
+// Free of the standard library's templates (the units' copies would be merged at link time);
+// the calling unit passes in the scratch memory.
+#ifndef OPTAX8_CUSTOM_CALLS_OPTAX8_CPU_BLOCKS_H_
+#define OPTAX8_CUSTOM_CALLS_OPTAX8_CPU_BLOCKS_H_
+
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#include "optax8_job.h"
+#include "optax8_math.h"
+
+// No iteration of the loop that follows reads what another one writes (an output may be an
+// input itself, element for element). Saying so spares the compiler's run-time alias checks,
+// which it gives up on past a handful of pointers.
+#if defined(__clang__)
+#define OPTAX8_NO_ALIAS_IN_LOOP _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define OPTAX8_NO_ALIAS_IN_LOOP _Pragma("GCC ivdep")
+#else
+#define OPTAX8_NO_ALIAS_IN_LOOP
+#endif
+
+namespace optax8 {
+OPTAX8_ISA_NAMESPACE_BEGIN
+
+// The scalar path only.
+struct NoVectors {
+  static constexpr int64_t kLanes = 0;
+};
+
+// bfloat16 and float16 conversions, exact and rounding to nearest even like XLA's.
+OPTAX8_HD float Bf16ToFloat(uint16_t h) { return BitsToFloat(static_cast<uint32_t>(h) << 16); }
+
+OPTAX8_HD uint16_t FloatToBf16(float f) {
+  const uint32_t bits = FloatToBits(f);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);  // quiet NaN
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+OPTAX8_HD float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1Fu;
+  const uint32_t mantissa = h & 0x3FFu;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, a normal float32
+    return BitsToFloat(FloatToBits(static_cast<float>(mantissa) * 0x1p-24f) | sign);
+  }
+  const uint32_t rebiased = exponent == 0x1Fu ? 0xFFu : exponent + 112;  // inf / NaN stay so
+  return BitsToFloat(sign | (rebiased << 23) | (mantissa << 13));
+}
+
+OPTAX8_HD uint16_t FloatToHalf(float f) {
+  const uint32_t bits = FloatToBits(f);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t a = bits & 0x7FFFFFFFu;
+  uint32_t h;
+  if (a > 0x7F800000u) {
+    h = 0x7E00u | ((a >> 13) & 0x3FFu);  // quiet NaN
+  } else if (a >= 0x477FF000u) {
+    h = 0x7C00u;  // rounds to infinity
+  } else if (a >= 0x38800000u) {  // normal half
+    const uint32_t r = a - 0x38000000u;
+    h = (r + 0xFFFu + ((r >> 13) & 1u)) >> 13;
+  } else if (a >= 0x33000000u) {  // subnormal half: round mantissa * 2^(e - 126) to an integer
+    const uint32_t mantissa = (a & 0x7FFFFFu) | 0x800000u;
+    const uint32_t shift = 126u - (a >> 23);
+    const uint32_t half = 1u << (shift - 1);
+    const uint32_t rest = mantissa & ((half << 1) - 1);
+    h = mantissa >> shift;
+    h += (rest > half || (rest == half && (h & 1u))) ? 1u : 0u;
+  } else {
+    h = 0;
+  }
+  return static_cast<uint16_t>(sign | h);
+}
+
+OPTAX8_HD const float* GradientAsFloat(const Job& job, int64_t offset, int64_t n, float* out) {
+  switch (job.dtype) {
+    case GradientType::kBF16: {
+      const uint16_t* g = static_cast<const uint16_t*>(job.g) + offset;
+      for (int64_t j = 0; j < n; ++j) out[j] = Bf16ToFloat(g[j]);
+      return out;
+    }
+    case GradientType::kF16: {
+      const uint16_t* g = static_cast<const uint16_t*>(job.g) + offset;
+      for (int64_t j = 0; j < n; ++j) out[j] = HalfToFloat(g[j]);
+      return out;
+    }
+    default:
+      return static_cast<const float*>(job.g) + offset;
+  }
+}
+
+// Where the block's float32 update goes: the result itself, or scratch for 16-bit results.
+OPTAX8_HD float* UpdateAsFloat(const Job& job, int64_t offset, float* scratch) {
+  return job.dtype == GradientType::kF32 ? static_cast<float*>(job.update) + offset : scratch;
+}
+
+OPTAX8_HD void StoreHalfUpdate(const Job& job, int64_t offset, int64_t n, const float* u) {
+  uint16_t* out = static_cast<uint16_t*>(job.update) + offset;
+  if (job.dtype == GradientType::kBF16) {
+    for (int64_t j = 0; j < n; ++j) out[j] = FloatToBf16(u[j]);
+  } else if (job.dtype == GradientType::kF16) {
+    for (int64_t j = 0; j < n; ++j) out[j] = FloatToHalf(u[j]);
+  }
+}
+
+// codes[j] = Encode<kSigned>(values[j] * scale) for j < n.
+template <class S, bool kSigned>
+OPTAX8_HD void EncodeBlock(const float* __restrict__ values, float scale, int64_t n, uint8_t* __restrict__ codes) {
+  int64_t j = 0;
+  if constexpr (S::kLanes > 0) {
+    for (; j + S::kLanes <= n; j += S::kLanes) {
+      S::template Encode<kSigned>(S::Load(values + j) * typename S::Vec(scale), codes + j);
+    }
+  }
+  for (; j < n; ++j) codes[j] = static_cast<uint8_t>(Encode<kSigned>(values[j] * scale));
+}
+
+// One block's elementwise pass: decode, GuardedStep, and the new moments' peak claim, with the
+// moments unrolled at compile time (index sequence k...) so that the loops vectorize. Returns
+// whether the block's state changes (under kSkipZeros: some gradient element is not zero).
+template <class S, class F, int kFlags, size_t... k>
+OPTAX8_HD bool UpdateElements(std::index_sequence<k...>, int64_t n, const float* g,
+                              const uint8_t* const (&codes)[F::kMoments], const float (&absmax)[F::kMoments],
+                              const typename F::Consts& consts, float* u, float* const (&moments)[F::kMoments],
+                              uint32_t (&peak)[F::kMoments]) {
+  // Local copies, so that the compiler keeps them in registers.
+  const uint8_t* __restrict__ const in[F::kMoments] = {codes[k]...};
+  float* __restrict__ const out[F::kMoments] = {moments[k]...};
+  const float scale[F::kMoments] = {absmax[k]...};
+  uint32_t top[F::kMoments] = {};
+  bool touched = false;
+  int64_t j = 0;
+  if constexpr (S::kLanes > 0) {
+    using V = typename S::Vec;
+    const int64_t vector_end = n - n % S::kLanes;
+    // The map entries first, into the moments' scratch (each element is read before written).
+    (S::template LookupMap<F::kSigned[k]>(in[k], vector_end, out[k]), ...);
+    typename S::Peak vector_top[F::kMoments] = {(static_cast<void>(k), S::NoPeak())...};
+    typename S::Mask vector_touched = S::NoLanes();
+    for (; j < vector_end; j += S::kLanes) {
+      V m[F::kMoments] = {S::Load(out[k] + j) * V(scale[k])...};  // decode
+      S::Store(u + j, GuardedStep<F, kFlags>(S::Load(g + j), m, consts, vector_touched));
+      ((S::Store(out[k] + j, m[k])), ...);
+      ((vector_top[k] = S::template RaisePeak<F::kSigned[k]>(vector_top[k], m[k])), ...);
+    }
+    ((top[k] = S::PeakOf(vector_top[k])), ...);
+    touched = S::Any(vector_touched);
+  }
+  OPTAX8_NO_ALIAS_IN_LOOP
+  for (; j < n; ++j) {
+    float m[F::kMoments] = {Decode<F::kSigned[k]>(in[k][j], scale[k])...};
+    u[j] = GuardedStep<F, kFlags>(g[j], m, consts, touched);
+    ((out[k][j] = m[k]), ...);
+    ((top[k] = top[k] > ClaimBits<F::kSigned[k]>(m[k]) ? top[k] : ClaimBits<F::kSigned[k]>(m[k])), ...);
+  }
+  ((peak[k] = top[k]), ...);
+  return (kFlags & kSkipZeros) == 0 || touched;
+}
+
+// Updates blocks [begin, end) (flat indices over rows x row_blocks) with kScratchBlocks blocks
+// of scratch.
+template <class S, class F, int kFlags>
+void UpdateBlocks(const Job& job, int64_t begin, int64_t end, float* scratch) {
+  constexpr int K = F::kMoments;
+  const int64_t bs = job.block_size;
+  float* const g32 = scratch;
+  float* const u32 = scratch + bs;
+  float* moments[K];
+  for (int k = 0; k < K; ++k) moments[k] = scratch + (k + 2) * bs;
+
+  int64_t group = -1;
+  typename F::Consts consts{};
+  for (int64_t block = begin; block < end; ++block) {
+    const int64_t row = block / job.row_blocks;
+    const int64_t column = (block - row * job.row_blocks) * bs;
+    const int64_t offset = row * job.row_length + column;
+    const int64_t n = bs < job.row_length - column ? bs : job.row_length - column;
+    if (row / job.rows_per_group != group) {
+      group = row / job.rows_per_group;
+      consts = F::Prepare(job.hp + group * F::kNumScalars);
+    }
+    const uint8_t* codes[K];
+    float absmax[K];
+    uint32_t peak[K];
+    for (int k = 0; k < K; ++k) {
+      codes[k] = job.moments[k].codes + offset;
+      absmax[k] = job.moments[k].absmax[block];
+      peak[k] = 0;
+    }
+    // In place when the update aliases the gradient: each element is read before it is written.
+    const bool touched = UpdateElements<S, F, kFlags>(std::make_index_sequence<K>(), n,
+                                                      GradientAsFloat(job, offset, n, g32), codes, absmax, consts,
+                                                      UpdateAsFloat(job, offset, u32), moments, peak);
+    StoreHalfUpdate(job, offset, n, u32);
+    for (int k = 0; k < K; ++k) {
+      uint8_t* new_codes = job.moments[k].new_codes + offset;
+      if (!touched) {  // skip_zeros, and the block's gradient is zero throughout: its state stays
+        job.moments[k].new_absmax[block] = absmax[k];
+        if (new_codes != codes[k]) std::memcpy(new_codes, codes[k], static_cast<size_t>(n));
+        continue;
+      }
+      const float new_absmax = AbsmaxOfPeak(peak[k]);
+      job.moments[k].new_absmax[block] = new_absmax;
+      // As quantize_blockwise: times 1 / absmax, with 1 for an all-zero block.
+      const float scale = 1.0f / (new_absmax == 0.0f ? 1.0f : new_absmax);
+      if (F::kSigned[k]) {
+        EncodeBlock<S, true>(moments[k], scale, n, new_codes);
+      } else {
+        EncodeBlock<S, false>(moments[k], scale, n, new_codes);
+      }
+    }
+  }
+}
+
+// Updates blocks [begin, end) of job with the vector operations S; false for a family or flags
+// this build does not know.
+template <class S>
+bool RunBlocks(const Job& job, int64_t begin, int64_t end, float* scratch) {
+  bool ran = false;
+  VisitFamily(job.family, [&](auto family) {
+    using F = decltype(family);
+    ran = VisitFlags<F>(job.flags, [&](auto flags) {
+      UpdateBlocks<S, F, decltype(flags)::value>(job, begin, end, scratch);
+    });
+  });
+  return ran;
+}
+
+OPTAX8_ISA_NAMESPACE_END
+}  // namespace optax8
+
+#endif  // OPTAX8_CUSTOM_CALLS_OPTAX8_CPU_BLOCKS_H_

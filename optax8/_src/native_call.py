@@ -1,0 +1,70 @@
+"""Calling a native kernel: one parameter's update as one XLA FFI call.
+
+The call's operands, results and attributes are ``custom_calls/optax8_ffi.h``'s: the gradient,
+the family's per-step scalars (in ``Family.scalar_names``' order), then each moment's codes and
+absmax; the update and the new codes and absmax alias them, so the update runs in place when
+the caller donates the state. Each device updates its own blocks (``sharding.partitioned_by_blocks``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax8._src import native_library, update_math
+from optax8._src import quantization as qz
+from optax8._src import sharding as sharding_lib
+
+__all__ = ["KERNEL_DTYPES", "applies", "update"]
+
+KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def applies(family: update_math.Family, static: Mapping[str, Any], g: jax.Array, moments: Sequence[Any],
+            scalars: Mapping[str, Any]) -> bool:
+  """Whether a kernel computes this update (where one is usable)."""
+  flags = set(family.flags) | set(update_math.COMMON_FLAGS)
+  return (
+      set(scalars) == set(family.scalar_names)
+      and all(jnp.ndim(v) == 0 for v in scalars.values())
+      and set(static) <= flags
+      and all(qz.is_quantized(m) for m in moments)
+      and tuple(m.signed for m in moments) == tuple(family.signed)
+      and len({m.block_size for m in moments}) == 1
+      and moments[0].block_size is not None  # one absmax per tensor: a two-pass update, the reference's
+      and jnp.dtype(g.dtype) in KERNEL_DTYPES
+  )
+
+
+def update(family: update_math.Family, static: Mapping[str, Any], g: jax.Array,
+           moments: Sequence[qz.QuantizedArray], scalars: Mapping[str, jax.Array]
+           ) -> tuple[jax.Array, list[qz.QuantizedArray]]:
+  """One parameter's update as one FFI call (CPU or CUDA kernel), on each device's own blocks."""
+  hp = jnp.stack([jnp.asarray(scalars[name], jnp.float32) for name in family.scalar_names])
+  state = [x for m in moments for x in (m.codes, m.absmax)]
+  attributes = dict(
+      family=family.name,
+      block_size=np.int64(moments[0].block_size),
+      flags=np.int64(sum(bit for name, bit in update_math.FLAG_BITS.items() if static.get(name))),
+      signed=np.int64(sum(1 << k for k, m in enumerate(moments) if m.signed)),
+  )
+
+  def call(g, hp, *state):
+    return jax.ffi.ffi_call(
+        native_library.TARGET,
+        # Typed like the operands: shardings (sharding-in-types) and manual axes (shard_map).
+        [jax.typeof(x) for x in (g, *state)],
+        # In place: the update overwrites g, the new state the old one (given donation).
+        input_output_aliases={0: 0, **{i + 2: i + 1 for i in range(len(state))}},
+    )(g, hp, *state, **attributes)
+
+  # Partitioned with the operands' sharding; under vmap, batched operands are more rows.
+  new_update, *new_state = sharding_lib.partitioned_by_blocks(call, moments[0].block_size)(g, hp, *state)
+  return new_update, [
+      qz.QuantizedArray(new_state[2 * k], new_state[2 * k + 1], m.block_size, m.signed)
+      for k, m in enumerate(moments)
+  ]
