@@ -42,7 +42,7 @@ stage build 150 env OPTAX8_CUDA=ON "$PYTHON" -m pip install --no-build-isolation
 stage tests 240 "$PYTHON" -m pytest -p no:cacheprovider -o addopts= -q -rs --durations=10 \
   --rootdir=. tests/test_gpu.py
 # The CPU kernel built against this machine's jaxlib, on its CPU backend.
-stage cpu_tests 120 env JAX_PLATFORMS=cpu "$PYTHON" -m pytest -p no:cacheprovider -o addopts= -q -rs \
+stage cpu_tests 300 env JAX_PLATFORMS=cpu "$PYTHON" -m pytest -p no:cacheprovider -o addopts= -q -rs \
   --rootdir=. tests/test_native.py
 stage benchmark 120 "$PYTHON" -m benchmarks.gpu_step
 # Host-offloaded state: the compiled step's device bytes and step time, offloaded and not.

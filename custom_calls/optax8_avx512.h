@@ -1,5 +1,5 @@
 // optax8_math.h's per-element operations on sixteen float32 lanes with AVX-512 (F, BW, VL,
-// DQ), for the CPU kernel's AVX-512 unit (optax8_cpu_avx512.cc): as optax8_avx2.h, with mask
+// DQ, VBMI), for the CPU kernel's AVX-512 unit (optax8_cpu_avx512.cc): as optax8_avx2.h, with mask
 // registers for lane masks. Each lane computes exactly the bits the scalar code computes.
 #ifndef OPTAX8_CUSTOM_CALLS_OPTAX8_AVX512_H_
 #define OPTAX8_CUSTOM_CALLS_OPTAX8_AVX512_H_
@@ -47,6 +47,37 @@ OPTAX8_HD Mask16 NonZero(Vec16 x) { return {_mm512_cmp_ps_mask(x.v, _mm512_setze
 // x, with +0 in the lanes where keep is clear.
 OPTAX8_HD Vec16 Masked(Vec16 x, Mask16 keep) { return _mm512_maskz_mov_ps(keep.k, x.v); }
 
+// A map's entries as four 256-byte planes: bytes[b][c] is byte b (little-endian) of entry c.
+struct alignas(64) BytePlanes {
+  uint8_t bytes[4][256];
+};
+
+constexpr BytePlanes MakeBytePlanes(const float (&map)[256]) {
+  BytePlanes planes{};
+  for (int c = 0; c < 256; ++c) {
+    const uint32_t bits = detail::FloatBits(map[c]);
+    for (int b = 0; b < 4; ++b) planes.bytes[b][c] = static_cast<uint8_t>(bits >> (8 * b));
+  }
+  return planes;
+}
+
+inline constexpr BytePlanes kSignedPlanes = MakeBytePlanes(kSignedMap);
+inline constexpr BytePlanes kUnsignedPlanes = MakeBytePlanes(kUnsignedMap);
+
+// The byte permutation that makes LookupMap's in-lane unpacking yield its floats in order:
+// float 16r + 4L + q comes out of byte 16L + 4r + q.
+constexpr BytePlanes MakeUnpackOrder() {
+  BytePlanes order{};
+  for (int r = 0; r < 4; ++r) {
+    for (int lane = 0; lane < 4; ++lane) {
+      for (int q = 0; q < 4; ++q) order.bytes[0][16 * lane + 4 * r + q] = static_cast<uint8_t>(16 * r + 4 * lane + q);
+    }
+  }
+  return order;
+}
+
+inline constexpr BytePlanes kUnpackOrder = MakeUnpackOrder();
+
 struct Avx512 {
   static constexpr int64_t kLanes = 16;
   using Vec = Vec16;
@@ -58,15 +89,37 @@ struct Avx512 {
   OPTAX8_HD static Mask NoLanes() { return {0}; }
   OPTAX8_HD static bool Any(Mask m) { return m.k != 0; }
 
-  // values[j] = map[codes[j]] for j < n, a multiple of kLanes: scalar loads (as optax8_avx2.h).
+  // values[j] = map[codes[j]] for j < n, a multiple of kLanes. 64 codes at a time with byte
+  // permutes (VBMI): each of a float's four bytes is looked up in its own 256-byte plane of the
+  // map (two 128-byte permutes and a blend on the code's top bit), and unpacking the four byte
+  // vectors interleaves them into floats. Unpacking works within 128-bit lanes, so the codes
+  // are first reordered (kUnpackOrder) for the floats to come out in order.
   template <bool kSigned>
   OPTAX8_HD static void LookupMap(const uint8_t* __restrict__ codes, int64_t n, float* __restrict__ values) {
-    const float* map = MapFor<kSigned>();
-    for (int64_t j = 0; j < n; j += 8) {
-      uint64_t eight;
-      std::memcpy(&eight, codes + j, sizeof(eight));
-      for (int q = 0; q < 8; ++q) values[j + q] = map[(eight >> (8 * q)) & 0xFFu];
+    const BytePlanes& map = kSigned ? kSignedPlanes : kUnsignedPlanes;
+    __m512i plane[4][4];
+    for (int b = 0; b < 4; ++b) {
+      for (int q = 0; q < 4; ++q) plane[b][q] = _mm512_load_si512(map.bytes[b] + 64 * q);
     }
+    const __m512i order = _mm512_load_si512(kUnpackOrder.bytes[0]);
+    int64_t j = 0;
+    for (; j + 64 <= n; j += 64) {
+      const __m512i index = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(codes + j));
+      const __mmask64 high = _mm512_movepi8_mask(index);
+      __m512i byte[4];
+      for (int b = 0; b < 4; ++b) {
+        byte[b] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(plane[b][0], index, plane[b][1]),
+                                         _mm512_permutex2var_epi8(plane[b][2], index, plane[b][3]));
+      }
+      const __m512i low01 = _mm512_unpacklo_epi8(byte[0], byte[1]), high01 = _mm512_unpackhi_epi8(byte[0], byte[1]);
+      const __m512i low23 = _mm512_unpacklo_epi8(byte[2], byte[3]), high23 = _mm512_unpackhi_epi8(byte[2], byte[3]);
+      _mm512_storeu_si512(values + j, _mm512_unpacklo_epi16(low01, low23));
+      _mm512_storeu_si512(values + j + 16, _mm512_unpackhi_epi16(low01, low23));
+      _mm512_storeu_si512(values + j + 32, _mm512_unpacklo_epi16(high01, high23));
+      _mm512_storeu_si512(values + j + 48, _mm512_unpackhi_epi16(high01, high23));
+    }
+    const float* entries = MapFor<kSigned>();
+    for (; j < n; ++j) values[j] = entries[codes[j]];
   }
 
   // Encode<kSigned> of sixteen values, stored as sixteen bytes.

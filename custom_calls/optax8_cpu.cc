@@ -110,7 +110,8 @@ const Isa& ChosenIsa() {
 #if defined(OPTAX8_CPU_AVX512_UNIT)
         {"avx512", &Optax8CpuBlocks_avx512,
          __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")},
+             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512vbmi")},
 #endif
 #if defined(OPTAX8_CPU_AVX2_UNIT)
         {"avx2", &Optax8CpuBlocks_avx2, static_cast<bool>(__builtin_cpu_supports("avx2"))},
@@ -137,7 +138,6 @@ float* Scratch(int64_t floats) {
   if (buffer.size() < static_cast<size_t>(floats)) buffer.resize(floats);
   return buffer.data();
 }
-
 
 // Runs chunks [0, chunks) on the calling thread and up to num_threads - 1 pool tasks. The
 // caller waits only for the chunks to finish, never for a task to start, so a busy or

@@ -5,7 +5,8 @@
 #error "compile with -DOPTAX8_ISA=scalar, avx2 or avx512"
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
+    defined(__AVX512VBMI__)
 #include "optax8_avx512.h"
 #define OPTAX8_VECTORS optax8::Avx512
 #elif defined(__AVX2__)

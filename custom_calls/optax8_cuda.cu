@@ -177,75 +177,90 @@ __device__ __forceinline__ void StoreCodes(const Job& job, int64_t start, int n,
   }
 }
 
-// Registers bound the thread blocks per multiprocessor (the tables allow 4 on sm_90, 3 on
-// sm_80); 3 (2 with three moments) leave enough registers to hold a chunk with little spilling.
+// Updates the quantization block `block`: its n elements start at `offset`.
 template <class F, int kFlags, class T>
-__global__ void __launch_bounds__(kThreads, F::kMoments > 2 ? 2 : 3) UpdateKernel(const Job job) {
+__device__ __forceinline__ void UpdateBlock(const Job& job, int64_t block, int64_t offset, int64_t n, int lane,
+                                            const typename F::Consts& consts) {
   constexpr int K = F::kMoments;
-  {
-    const uint32_t* from = reinterpret_cast<const uint32_t*>(&kDeviceTables);
-    uint32_t* to = reinterpret_cast<uint32_t*>(kSharedTables);
-    for (int w = threadIdx.x; w < static_cast<int>(kSharedTableBytes<F> / 4); w += kThreads) to[w] = from[w];
-    __syncthreads();
+  float absmax[K];
+  uint32_t peak[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    absmax[k] = job.moments[k].absmax[block];
+    peak[k] = 0;
   }
+  Chunk<K> chunk;
+  // Whether the block's state changes: under kSkipZeros, only where a gradient element is not zero.
+  constexpr bool kSkip = (kFlags & kSkipZeros) != 0;
+  bool touched = false;
+  bool block_touched = !kSkip;
+  if (n > kChunk) {
+    // Longer than a chunk: the peak first, then each chunk again to store it.
+    for (int64_t base = 0; base < n; base += kChunk) {
+      const int m = static_cast<int>(min(static_cast<int64_t>(kChunk), n - base));
+      StepChunk<F, kFlags, T, false>(job, offset + base, m, lane, absmax, consts, chunk, touched);
+      AccumulatePeak<F>(chunk, m, lane, peak);
+    }
+    WarpMax(peak);
+    if (kSkip) block_touched = __any_sync(0xFFFFFFFFu, touched);
+  }
+  for (int64_t base = 0; base < n; base += kChunk) {
+    const int m = static_cast<int>(min(static_cast<int64_t>(kChunk), n - base));
+    StepChunk<F, kFlags, T, true>(job, offset + base, m, lane, absmax, consts, chunk, touched);
+    if (n <= kChunk) {
+      AccumulatePeak<F>(chunk, m, lane, peak);
+      WarpMax(peak);
+      if (kSkip) block_touched = __any_sync(0xFFFFFFFFu, touched);
+    }
+    if (block_touched) {
+      StoreCodes<F>(job, offset + base, m, lane, chunk, peak);
+    } else {
+      KeepCodes<K>(job, offset + base, m, lane);
+    }
+  }
+  // The new absmax may overwrite the old one in place: every lane has read it by now.
+  __syncwarp();
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) job.moments[k].new_absmax[block] = block_touched ? AbsmaxOfPeak(peak[k]) : absmax[k];
+  }
+}
+
+// Copies the code tables into the thread block's shared memory (before any Encode or Decode).
+template <class F>
+__device__ __forceinline__ void LoadSharedTables() {
+  const uint32_t* from = reinterpret_cast<const uint32_t*>(&kDeviceTables);
+  uint32_t* to = reinterpret_cast<uint32_t*>(kSharedTables);
+  for (int w = threadIdx.x; w < static_cast<int>(kSharedTableBytes<F> / 4); w += kThreads) to[w] = from[w];
+  __syncthreads();
+}
+
+// Walks each warp's quantization blocks (the grid takes them in turn; no thread block
+// synchronises in here); block_length(column) is the length of a block starting at `column`.
+template <class F, int kFlags, class T, class BlockLength>
+__device__ __forceinline__ void WalkBlocks(const Job& job, BlockLength block_length) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   int64_t group = -1;
   typename F::Consts consts{};
-  // Each warp's blocks; no thread block synchronises past this point.
   for (int64_t block = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
        block < job.total_blocks; block += warps) {
     const int64_t row = block / job.row_blocks;
     const int64_t column = (block - row * job.row_blocks) * job.block_size;
-    const int64_t offset = row * job.row_length + column;
-    const int64_t n = min(job.block_size, job.row_length - column);
     if (row / job.rows_per_group != group) {
       group = row / job.rows_per_group;
       consts = F::Prepare(job.hp + group * F::kNumScalars);
     }
-    float absmax[K];
-    uint32_t peak[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      absmax[k] = job.moments[k].absmax[block];
-      peak[k] = 0;
-    }
-    Chunk<K> chunk;
-    // Whether the block's state changes: under kSkipZeros, only where a gradient element is not zero.
-    constexpr bool kSkip = (kFlags & kSkipZeros) != 0;
-    bool touched = false;
-    bool block_touched = !kSkip;
-    if (n > kChunk) {
-      // Longer than a chunk: the peak first, then each chunk again to store it.
-      for (int64_t base = 0; base < n; base += kChunk) {
-        const int m = static_cast<int>(min(static_cast<int64_t>(kChunk), n - base));
-        StepChunk<F, kFlags, T, false>(job, offset + base, m, lane, absmax, consts, chunk, touched);
-        AccumulatePeak<F>(chunk, m, lane, peak);
-      }
-      WarpMax(peak);
-      if (kSkip) block_touched = __any_sync(0xFFFFFFFFu, touched);
-    }
-    for (int64_t base = 0; base < n; base += kChunk) {
-      const int m = static_cast<int>(min(static_cast<int64_t>(kChunk), n - base));
-      StepChunk<F, kFlags, T, true>(job, offset + base, m, lane, absmax, consts, chunk, touched);
-      if (n <= kChunk) {
-        AccumulatePeak<F>(chunk, m, lane, peak);
-        WarpMax(peak);
-        if (kSkip) block_touched = __any_sync(0xFFFFFFFFu, touched);
-      }
-      if (block_touched) {
-        StoreCodes<F>(job, offset + base, m, lane, chunk, peak);
-      } else {
-        KeepCodes<K>(job, offset + base, m, lane);
-      }
-    }
-    // The new absmax may overwrite the old one in place: every lane has read it by now.
-    __syncwarp();
-    if (lane == 0) {
-#pragma unroll
-      for (int k = 0; k < K; ++k) job.moments[k].new_absmax[block] = block_touched ? AbsmaxOfPeak(peak[k]) : absmax[k];
-    }
+    UpdateBlock<F, kFlags, T>(job, block, row * job.row_length + column, block_length(column), lane, consts);
   }
+}
+
+// Registers bound the thread blocks per multiprocessor (the tables allow 4 on sm_90, 3 on
+// sm_80); 3 (2 with three moments) leave enough registers to hold a chunk with little spilling.
+template <class F, int kFlags, class T>
+__global__ void __launch_bounds__(kThreads, F::kMoments > 2 ? 2 : 3) UpdateKernel(const Job job) {
+  LoadSharedTables<F>();
+  WalkBlocks<F, kFlags, T>(job, [&](int64_t column) { return min(job.block_size, job.row_length - column); });
 }
 
 using LaunchFn = cudaError_t (*)(cudaStream_t, const Job&);

@@ -66,3 +66,19 @@ def test_bnb_fidelity_benchmark_compares_both_libraries_with_one_float32_run(cap
   assert {"bitsandbytes", "optax8"} <= set(runs) and all(len(r) == 2 for r in runs.values())
   assert all(dp >= 0 and rel >= 0 for run in runs.values() for dp, rel in run)
   assert "|dp| optax8" in capsys.readouterr().out
+
+
+def test_cuda_sass_counts_each_functions_instructions_by_opcode():
+  from benchmarks import cuda_sass
+
+  listing = """
+        Function : _Z5probev
+        /*0000*/                   LDC R1, c[0x0][0x28] ;           /* 0x00000a00ff017b82 */
+        /*0010*/              @!P0 FADD R2, R3, R4 ;                /* 0x0000000403027221 */
+        /*0020*/                   NOP ;                            /* 0x0000000000007918 */
+        /*0030*/                   EXIT ;                           /* 0x000000000000794d */
+        Function : _Z5otherv
+        /*0000*/                   IMAD.MOV.U32 R1, RZ, RZ, R2 ;   /* 0x000000ffff017224 */
+  """
+  functions = cuda_sass.count_instructions(listing)
+  assert functions == {"_Z5probev": {"LDC": 1, "FADD": 1, "EXIT": 1}, "_Z5otherv": {"IMAD": 1}}

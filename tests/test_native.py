@@ -40,7 +40,8 @@ def xla_contracts_multiply_add() -> bool:
 # parity tests with --xla_cpu_max_isa=AVX, once per instruction set of the CPU kernel.
 NO_CONTRACTION_FLAG = "--xla_cpu_max_isa=AVX"
 parity = pytest.mark.skipif(
-    xla_contracts_multiply_add(), reason="run by test_every_instruction_set_is_bit_identical_to_the_reference_without_contraction"
+    xla_contracts_multiply_add(),
+    reason="run by test_every_instruction_set_is_bit_identical_to_the_reference_without_contraction",
 )
 
 # family, static options, hyperparameters.

@@ -15,7 +15,8 @@
 #if defined(__AVX2__)
 #include "optax8_avx2.h"
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
+    defined(__AVX512VBMI__)
 #define OPTAX8_TEST_AVX512 1
 #include "optax8_avx512.h"
 #endif
