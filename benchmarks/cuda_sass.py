@@ -18,8 +18,8 @@ its code is straight through), and reads the machine code with ``cuobjdump``. Pe
 * ``regs`` and ``local`` (spilled bytes) of the library's kernel itself, and the shared memory
   its code tables take.
 
-Run from the repository root (needs ``nvcc`` and ``cuobjdump``: next to ``nvcc``, on ``PATH``,
-or ``pip install nvidia-cuda-cuobjdump``)::
+Run from the repository root (needs ``nvcc``, and ``cuobjdump`` with ``nvdisasm``: next to
+``nvcc``, on ``PATH``, or ``pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm``)::
 
   python -m benchmarks.cuda_sass
   python -m benchmarks.cuda_sass --arch sm_80
@@ -154,7 +154,10 @@ def measure(arch: str, nvcc: str, cuobjdump: str) -> list[list[str]]:
     probe.write_text(PROBE)
     subprocess.run([nvcc, f"-arch={arch}", *NVCC_FLAGS, f"-I{SOURCE.parent}", f"-I{jax.ffi.include_dir()}",
                     "-diag-suppress=20013,20015", str(probe), "-o", str(binary)], check=True, capture_output=True)
-    sass = subprocess.run([cuobjdump, "-sass", str(binary)], check=True, capture_output=True, text=True).stdout
+    # cuobjdump disassembles with nvdisasm, which it looks for on PATH: the one beside it first.
+    env = dict(os.environ, PATH=os.pathsep.join([str(pathlib.Path(cuobjdump).parent), os.environ.get("PATH", "")]))
+    sass = subprocess.run([cuobjdump, "-sass", str(binary)], check=True, capture_output=True, text=True,
+                          env=env).stdout
     usage = subprocess.run([cuobjdump, "-res-usage", str(binary)], check=True, capture_output=True, text=True).stdout
     printed = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
     shared = {line.split()[0]: int(line.split()[1]) for line in printed.splitlines()}
@@ -180,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   nvcc, cuobjdump = find_tools()
   if nvcc is None or cuobjdump is None:
-    print(f"cuda_sass: skipped, no {'nvcc' if nvcc is None else 'cuobjdump'} (pip install nvidia-cuda-cuobjdump)")
+    print(f"cuda_sass: skipped, no {'nvcc' if nvcc is None else 'cuobjdump'} "
+          "(pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
     return
   rows = measure(args.arch, nvcc, cuobjdump)
   print(f"optax8 CUDA kernel, {args.arch}, float32 gradients, no flags: SASS instructions per element of a "

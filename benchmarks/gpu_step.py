@@ -7,8 +7,9 @@ the benchmark times, on the first GPU:
   under ``jax.jit``, the optimizer state and the parameters or a fresh gradient donated), for
   ``optax.adam`` and ``optax8.adam8bit`` (the CUDA kernel): the median of the timed steps
   after a warm-up;
-* ``adam8bit``'s update alone (its CUDA kernel, one call per matrix), back to back, each
-  update fed to the next call as its gradient;
+* ``scale_by_adam8bit``'s update alone (the CUDA kernel, one call per matrix, without
+  ``adam8bit``'s learning-rate pass), back to back, each update fed to the next call as its
+  gradient;
 * a device-to-device copy of as many bytes as the kernel moves, in the same run.
 
 The tables show the step times and their ratio to ``optax.adam``, and the kernel's achieved
@@ -56,7 +57,7 @@ class Result:
     num_params: parameters in all.
     adam_step: median ``optax.adam`` step.
     adam8bit_step: median ``optax8.adam8bit`` step.
-    kernel: ``adam8bit``'s update alone, per call over all matrices.
+    kernel: ``scale_by_adam8bit``'s update alone, per call over all matrices.
     kernel_bytes: bytes the kernel must move per update.
     copy: a device-to-device copy of ``kernel_bytes`` (half read, half written).
     uses_kernel: whether the compiled step calls the CUDA kernel.
@@ -119,8 +120,9 @@ def _back_to_back(fn: Callable[[Any], Any], x: Any, warmup: int, calls: int) -> 
 
 
 def _kernel_time(shapes: list[tuple[int, int]], device: Any, warmup: int, calls: int) -> tuple[float, int]:
-  """Seconds per ``adam8bit`` update alone, and the bytes it must move."""
-  tx = optax8.adam8bit(1e-3)
+  """Seconds per ``scale_by_adam8bit`` update alone (the kernel, without ``adam8bit``'s learning
+  rate scaling: another pass over the update), and the bytes it must move."""
+  tx = optax8.scale_by_adam8bit()
   keys = jax.random.split(jax.random.key(1), len(shapes))
   with jax.default_device(device):
     grads = {f"w{i}": jax.random.normal(keys[i], s) * 1e-3 for i, s in enumerate(shapes)}

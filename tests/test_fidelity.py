@@ -55,6 +55,20 @@ def test_a_blocks_most_negative_value_decodes_to_itself():
   np.testing.assert_allclose(optax8.dequantize_blockwise(q)[0, 0], -3.0, rtol=1e-4)
 
 
+def test_a_negative_block_maximum_too_large_to_stretch_takes_the_largest_finite_absmax(implementation):
+  big = -0.999 * float(np.finfo(np.float32).max)  # |big| * NEGATIVE_STRETCH overflows
+  q = optax8.quantize_blockwise(jnp.asarray([big, 1.0, -jnp.inf]), block_size=2)
+  assert float(q.absmax[0]) == np.finfo(np.float32).max and np.isinf(q.absmax[1])  # inf stays inf
+  tx = optax8.sgd8bit(1.0, momentum=0.9, min_8bit_size=0)
+  params = {"w": jnp.zeros((2, 256))}
+  g = {"w": jnp.zeros((2, 256)).at[0, 0].set(big).at[1, 0].set(1.0)}
+  _, state = jax.jit(tx.update)(g, tx.init(params))
+  trace = state[0].trace["w"]
+  assert float(trace.absmax[0, 0]) == np.finfo(np.float32).max and float(trace.absmax[1, 0]) == 1.0
+  # Finite, not accurate: past 2^126, 1 / absmax is subnormal, which XLA:CPU flushes to zero.
+  assert np.all(np.isfinite(optax8.dequantize_blockwise(trace)))
+
+
 def test_a_slow_ema_of_a_negative_block_maximum_does_not_shrink(implementation):
   # bitsandbytes' rule (absmax = max |x|) stored the block's most negative value as 0.99297 of
   # itself at every step, which Lion's beta2 = 0.99 EMA settled at 59% of the true value.
