@@ -596,9 +596,11 @@ constexpr uint32_t SignedMaskOf() {
 }
 
 // The scalar forms of what GuardedStep needs; vector types overload them (optax8_avx2.h, ...).
-OPTAX8_HD bool Finite(float x) { return (FloatToBits(x) & 0x7F800000u) != 0x7F800000u; }
+// Finiteness is a bit mask, all ones for a finite x, and masking clears bits, so that scalar
+// loops stay free of branches and the compiler vectorizes them.
+OPTAX8_HD uint32_t Finite(float x) { return (FloatToBits(x) & 0x7F800000u) != 0x7F800000u ? ~0u : 0u; }
 OPTAX8_HD bool NonZero(float x) { return !(x == 0.0f); }  // NaN too
-OPTAX8_HD float Masked(float x, bool keep) { return keep ? x : 0.0f; }
+OPTAX8_HD float Masked(float x, uint32_t keep) { return BitsToFloat(FloatToBits(x) & keep); }
 
 // One element's step (or one vector's, V), with every path's policy for what is not finite: a
 // non-finite gradient element counts as 0, and it, or a moment that the step makes non-finite,
