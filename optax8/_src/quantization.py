@@ -350,11 +350,11 @@ def _absmax(x: jax.Array, signed: bool, axis: int | None) -> jax.Array:
   times :data:`NEGATIVE_STRETCH` on the signed map; ``float32``'s largest finite value where that
   product alone overflows."""
   magnitude = jnp.abs(x)
-  if not signed:
-    return jnp.max(magnitude, axis=axis, initial=0.0)
-  absmax = jnp.max(magnitude * jnp.where(x < 0, NEGATIVE_STRETCH, np.float32(1)), axis=axis, initial=0.0)
-  overflowed = jnp.isinf(absmax) & ~jnp.isinf(jnp.max(magnitude, axis=axis, initial=0.0))
-  return jnp.where(overflowed, np.finfo(np.float32).max, absmax)
+  if signed:
+    stretched = magnitude * jnp.where(x < 0, NEGATIVE_STRETCH, np.float32(1))
+    # A finite value's claim stays finite; an infinite or NaN one stays what it is.
+    magnitude = jnp.minimum(stretched, jnp.maximum(magnitude, np.finfo(np.float32).max))
+  return jnp.max(magnitude, axis=axis, initial=0.0)
 
 
 def quantize_blockwise(
