@@ -111,6 +111,42 @@ OPTAX8_HD void StoreHalfUpdate(const Job& job, int64_t offset, int64_t n, const 
   }
 }
 
+static_assert(sizeof(ApplyScalars) == kApplyScalars * sizeof(float), "Job's hp layout");
+
+// The gradient clipped as ClipGradient says, into out where it clips. Returns the gradient to use.
+OPTAX8_HD const float* ClippedGradient(const float* g, int64_t n, const ApplyScalars& a, float* out) {
+  if (!a.Clips()) return g;
+  OPTAX8_NO_ALIAS_IN_LOOP
+  for (int64_t j = 0; j < n; ++j) out[j] = ClipGradient(g[j], a);
+  return out;
+}
+
+// The fused apply step's new parameter (AppliedParameter of the float32 update u), stored in
+// place of the update.
+template <class Load, class Store>
+OPTAX8_HD void ApplyLoop(int64_t n, const float* u, const ApplyScalars& a, Load load, Store store) {
+  OPTAX8_NO_ALIAS_IN_LOOP
+  for (int64_t j = 0; j < n; ++j) store(j, AppliedParameter(load(j), u[j], a));
+}
+
+OPTAX8_HD void StoreParameter(const Job& job, int64_t offset, int64_t n, const float* u, const ApplyScalars& a) {
+  if (job.dtype == GradientType::kF32) {
+    const float* p = static_cast<const float*>(job.param) + offset;
+    float* out = static_cast<float*>(job.update) + offset;
+    ApplyLoop(n, u, a, [&](int64_t j) { return p[j]; }, [&](int64_t j, float x) { out[j] = x; });
+    return;
+  }
+  const uint16_t* p = static_cast<const uint16_t*>(job.param) + offset;
+  uint16_t* out = static_cast<uint16_t*>(job.update) + offset;
+  if (job.dtype == GradientType::kBF16) {
+    ApplyLoop(n, u, a, [&](int64_t j) { return Bf16ToFloat(p[j]); },
+              [&](int64_t j, float x) { out[j] = FloatToBf16(x); });
+  } else {
+    ApplyLoop(n, u, a, [&](int64_t j) { return HalfToFloat(p[j]); },
+              [&](int64_t j, float x) { out[j] = FloatToHalf(x); });
+  }
+}
+
 // codes[j] = Encode<kSigned>(values[j] * scale) for j < n.
 template <class S, bool kSigned>
 OPTAX8_HD void EncodeBlock(const float* __restrict__ values, float scale, int64_t n, uint8_t* __restrict__ codes) {
@@ -178,6 +214,7 @@ void UpdateBlocks(const Job& job, int64_t begin, int64_t end, float* scratch) {
 
   int64_t group = -1;
   typename F::Consts consts{};
+  ApplyScalars apply{};
   for (int64_t block = begin; block < end; ++block) {
     const int64_t row = block / job.row_blocks;
     const int64_t column = (block - row * job.row_blocks) * bs;
@@ -185,7 +222,9 @@ void UpdateBlocks(const Job& job, int64_t begin, int64_t end, float* scratch) {
     const int64_t n = bs < job.row_length - column ? bs : job.row_length - column;
     if (row / job.rows_per_group != group) {
       group = row / job.rows_per_group;
-      consts = F::Prepare(job.hp + group * F::kNumScalars);
+      const float* hp = job.hp + group * job.hp_stride;
+      consts = F::Prepare(hp);
+      if (job.param != nullptr) apply = ApplyScalars::Of(hp + F::kNumScalars);
     }
     const uint8_t* codes[K];
     float absmax[K];
@@ -196,10 +235,17 @@ void UpdateBlocks(const Job& job, int64_t begin, int64_t end, float* scratch) {
       peak[k] = 0;
     }
     // In place when the update aliases the gradient: each element is read before it is written.
-    const bool touched = UpdateElements<S, F, kFlags>(std::make_index_sequence<K>(), n,
-                                                      GradientAsFloat(job, offset, n, g32), codes, absmax, consts,
-                                                      UpdateAsFloat(job, offset, u32), moments, peak);
-    StoreHalfUpdate(job, offset, n, u32);
+    // The fused apply step keeps the update in scratch and stores the parameter instead.
+    const float* g = GradientAsFloat(job, offset, n, g32);
+    if (job.param != nullptr) g = ClippedGradient(g, n, apply, g32);
+    float* u = job.param != nullptr ? u32 : UpdateAsFloat(job, offset, u32);
+    const bool touched = UpdateElements<S, F, kFlags>(std::make_index_sequence<K>(), n, g, codes, absmax, consts, u,
+                                                      moments, peak);
+    if (job.param != nullptr) {
+      StoreParameter(job, offset, n, u32, apply);
+    } else {
+      StoreHalfUpdate(job, offset, n, u32);
+    }
     for (int k = 0; k < K; ++k) {
       uint8_t* new_codes = job.moments[k].new_codes + offset;
       if (!touched) {  // skip_zeros, and the block's gradient is zero throughout: its state stays

@@ -91,13 +91,18 @@ struct Chunk {
 // kernel); elements whose gradient is not zero set `touched`. Stores the update when kStore (it
 // needs no absmax, so it leaves the registers at once). Elements at or past n compute on zeros
 // and are never stored.
+// Under the fused apply step (job.param) the gradient is clipped first and the new parameter
+// stored in place of the update.
 template <class F, int kFlags, class T, bool kStore>
 __device__ __forceinline__ void StepChunk(const Job& job, int64_t start, int n, int lane,
                                           const float (&absmax)[F::kMoments], const typename F::Consts& consts,
-                                          Chunk<F::kMoments>& out, bool& touched) {
+                                          const ApplyScalars& apply, Chunk<F::kMoments>& out, bool& touched) {
   constexpr int K = F::kMoments;
   const T* g = static_cast<const T*>(job.g) + start;
+  const T* p = static_cast<const T*>(job.param) + start;
   T* u = static_cast<T*>(job.update) + start;
+  const bool applies = job.param != nullptr;  // the same for the whole grid
+  const bool clips = applies && apply.Clips();
   float grad[kItems];
   uint32_t codes[K][kItems];
   // Every load first, so that all of them are in flight together.
@@ -115,9 +120,11 @@ __device__ __forceinline__ void StepChunk(const Job& job, int64_t start, int n, 
     float m[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) m[k] = DecodeMoment<F>(k, codes[k][i], absmax[k]);
-    const float update = GuardedStep<F, kFlags>(grad[i], m, consts, touched);
-    // In place when the update aliases the gradient: every element was read above.
-    if (kStore && i * kWarp + lane < n) u[i * kWarp + lane] = FromFloat<T>(update);
+    const float update = GuardedStep<F, kFlags>(clips ? ClipGradient(grad[i], apply) : grad[i], m, consts, touched);
+    // In place when the update aliases the gradient: every element was read above; the
+    // parameter's element is read just before its new value overwrites it.
+    const int j = i * kWarp + lane;
+    if (kStore && j < n) u[j] = FromFloat<T>(applies ? AppliedParameter(ToFloat(p[j]), update, apply) : update);
 #pragma unroll
     for (int k = 0; k < K; ++k) out.moments[k][i] = m[k];
   }
@@ -180,7 +187,7 @@ __device__ __forceinline__ void StoreCodes(const Job& job, int64_t start, int n,
 // Updates the quantization block `block`: its n elements start at `offset`.
 template <class F, int kFlags, class T>
 __device__ __forceinline__ void UpdateBlock(const Job& job, int64_t block, int64_t offset, int64_t n, int lane,
-                                            const typename F::Consts& consts) {
+                                            const typename F::Consts& consts, const ApplyScalars& apply) {
   constexpr int K = F::kMoments;
   float absmax[K];
   uint32_t peak[K];
@@ -198,7 +205,7 @@ __device__ __forceinline__ void UpdateBlock(const Job& job, int64_t block, int64
     // Longer than a chunk: the peak first, then each chunk again to store it.
     for (int64_t base = 0; base < n; base += kChunk) {
       const int m = static_cast<int>(min(static_cast<int64_t>(kChunk), n - base));
-      StepChunk<F, kFlags, T, false>(job, offset + base, m, lane, absmax, consts, chunk, touched);
+      StepChunk<F, kFlags, T, false>(job, offset + base, m, lane, absmax, consts, apply, chunk, touched);
       AccumulatePeak<F>(chunk, m, lane, peak);
     }
     WarpMax(peak);
@@ -206,7 +213,7 @@ __device__ __forceinline__ void UpdateBlock(const Job& job, int64_t block, int64
   }
   for (int64_t base = 0; base < n; base += kChunk) {
     const int m = static_cast<int>(min(static_cast<int64_t>(kChunk), n - base));
-    StepChunk<F, kFlags, T, true>(job, offset + base, m, lane, absmax, consts, chunk, touched);
+    StepChunk<F, kFlags, T, true>(job, offset + base, m, lane, absmax, consts, apply, chunk, touched);
     if (n <= kChunk) {
       AccumulatePeak<F>(chunk, m, lane, peak);
       WarpMax(peak);
@@ -243,15 +250,18 @@ __device__ __forceinline__ void WalkBlocks(const Job& job, BlockLength block_len
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   int64_t group = -1;
   typename F::Consts consts{};
+  ApplyScalars apply{};
   for (int64_t block = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
        block < job.total_blocks; block += warps) {
     const int64_t row = block / job.row_blocks;
     const int64_t column = (block - row * job.row_blocks) * job.block_size;
     if (row / job.rows_per_group != group) {
       group = row / job.rows_per_group;
-      consts = F::Prepare(job.hp + group * F::kNumScalars);
+      const float* hp = job.hp + group * job.hp_stride;
+      consts = F::Prepare(hp);
+      if (job.param != nullptr) apply = ApplyScalars::Of(hp + F::kNumScalars);
     }
-    UpdateBlock<F, kFlags, T>(job, block, row * job.row_length + column, block_length(column), lane, consts);
+    UpdateBlock<F, kFlags, T>(job, block, row * job.row_length + column, block_length(column), lane, consts, apply);
   }
 }
 

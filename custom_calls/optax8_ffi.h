@@ -6,7 +6,9 @@
 // (u8[g.shape]) and absmax (f32[g.shape[:-1] + (blocks,)]) of each moment. Results: the update
 // (g's dtype and shape), then the new codes and absmax of each moment. Attributes: family
 // (optax8_math.h's family names, in lower case), block_size, flags (the Flag bits) and signed
-// (bit k: moment k uses the signed map).
+// (bit k: moment k uses the signed map). Under the kApply flag (the fused apply step) the
+// parameter (g's dtype and shape) follows the state, hp holds kApplyScalars more scalars, and
+// the first result is the new parameter instead of the update.
 #ifndef OPTAX8_CUSTOM_CALLS_OPTAX8_FFI_H_
 #define OPTAX8_CUSTOM_CALLS_OPTAX8_FFI_H_
 
@@ -45,7 +47,7 @@ inline std::string Contract() {
       for (int k = 0; k < F::kMoments; ++k) text += F::kSigned[k] ? "1" : "0";
     });
   }
-  return text;
+  return text + "; apply(" + kApplyScalarNames + ")";
 }
 
 inline bool SameDims(xla::ffi::Span<const int64_t> a, xla::ffi::Span<const int64_t> b) {
@@ -59,8 +61,9 @@ xla::ffi::Error DescribeJob(xla::ffi::AnyBuffer g, xla::ffi::Buffer<xla::ffi::F3
                             std::string_view family, int64_t block_size, int64_t signed_mask, Job* job) {
   namespace ffi = xla::ffi;
   constexpr int K = F::kMoments;
+  const bool apply = (job->flags & kApply) != 0;
   if (signed_mask != SignedMaskOf<F>()) return ffi::Error::InvalidArgument("optax8: wrong maps for " + std::string(family));
-  if (state.size() != 2 * static_cast<size_t>(K) || new_state.size() != state.size()) {
+  if (state.size() != 2 * static_cast<size_t>(K) + (apply ? 1 : 0) || new_state.size() != 2 * static_cast<size_t>(K)) {
     return ffi::Error::InvalidArgument("optax8: wrong number of state buffers");
   }
   const ffi::DataType dtype = g.element_type();
@@ -83,8 +86,17 @@ xla::ffi::Error DescribeJob(xla::ffi::AnyBuffer g, xla::ffi::Buffer<xla::ffi::F3
   absmax_dims.back() = row_blocks;
   const ffi::Span<const int64_t> expected(absmax_dims.data(), absmax_dims.size());
 
-  *job = Job{job->family, job->flags, gradient_type, g.untyped_data(), update->untyped_data(), hp.typed_data(),
-             row_length, row_blocks, block_size, 1, rows * row_blocks, {}};
+  const void* param = nullptr;
+  if (apply) {
+    auto p = state.get<ffi::AnyBuffer>(2 * K);
+    if (p.has_error() || p->element_type() != dtype || !SameDims(p->dimensions(), dims)) {
+      return ffi::Error::InvalidArgument("optax8: the parameter must match the gradient");
+    }
+    param = p->untyped_data();
+  }
+  const int64_t hp_stride = F::kNumScalars + (apply ? kApplyScalars : 0);
+  *job = Job{job->family, job->flags & ~kApply, gradient_type, g.untyped_data(), update->untyped_data(), param,
+             hp.typed_data(), hp_stride, row_length, row_blocks, block_size, 1, rows * row_blocks, {}};
   for (int k = 0; k < K; ++k) {
     auto codes = state.get<ffi::Buffer<ffi::U8>>(2 * k);
     auto absmax = state.get<ffi::Buffer<ffi::F32>>(2 * k + 1);
@@ -100,11 +112,11 @@ xla::ffi::Error DescribeJob(xla::ffi::AnyBuffer g, xla::ffi::Buffer<xla::ffi::F3
     job->moments[k] = {codes->typed_data(), absmax->typed_data(), (*new_codes)->typed_data(),
                        (*new_absmax)->typed_data()};
   }
-  const int64_t groups = static_cast<int64_t>(hp.element_count()) / F::kNumScalars;
+  const int64_t groups = static_cast<int64_t>(hp.element_count()) / hp_stride;
   const auto hp_dims = hp.dimensions();
-  if (hp_dims.size() == 0 || hp_dims.back() != F::kNumScalars || groups == 0 || rows % groups != 0) {
+  if (hp_dims.size() == 0 || hp_dims.back() != hp_stride || groups == 0 || rows % groups != 0) {
     return ffi::Error::InvalidArgument("optax8: hyperparameters must have shape [..., " +
-                                       std::to_string(F::kNumScalars) + "] batching the gradient's rows");
+                                       std::to_string(hp_stride) + "] batching the gradient's rows");
   }
   job->rows_per_group = rows / groups;
   return ffi::Error::Success();
@@ -122,7 +134,7 @@ inline xla::ffi::Error PrepareJob(xla::ffi::AnyBuffer g, xla::ffi::Buffer<xla::f
   ffi::Error checked = ffi::Error::Success();
   VisitFamily(job->family, [&](auto family_tag) {
     using F = decltype(family_tag);
-    if (flags < 0 || flags > kAllFlags || !VisitFlags<F>(static_cast<int>(flags), [](auto) {})) {
+    if (flags < 0 || flags > (kAllFlags | kApply) || !VisitFlags<F>(static_cast<int>(flags & ~kApply), [](auto) {})) {
       checked = ffi::Error::InvalidArgument("optax8: flags not supported by " + std::string(family));
     } else {
       checked = DescribeJob<F>(g, hp, state, update, new_state, family, block_size, signed_mask, job);

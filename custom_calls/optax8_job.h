@@ -21,13 +21,21 @@ struct MomentBuffers {
   float* new_absmax;
 };
 
+// The fused apply step's four per-step scalars, after the family's own in each hp vector.
+constexpr int kApplyScalars = 4;
+
 struct Job {
   int32_t family;  // VisitFamily's number
-  int32_t flags;   // the Flag bits
+  int32_t flags;   // the Flag bits, less kApply
   GradientType dtype;
   const void* g;
+  // The update; under the fused apply step the new parameter instead (param's buffer, given donation).
   void* update;
+  // Under the fused apply step, the parameter (g's dtype), else null. The step then clips the
+  // gradient, g / clip_norm * clip_max, and writes p + step_size * (u + weight_decay * p).
+  const void* param;
   const float* hp;
+  int64_t hp_stride;       // floats per hp vector: the family's scalars, then kApplyScalars if param
   int64_t row_length;      // the last axis
   int64_t row_blocks;      // blocks per row
   int64_t block_size;

@@ -404,12 +404,16 @@ OPTAX8_HD float Sign(float x) { return x > 0 ? 1.0f : (x < 0 ? -1.0f : x); }  //
 // family and lives in the kernels' element loop, not in a Step: an element whose gradient is
 // exactly zero keeps its decoded moments and gets a zero update, and a block whose gradient is
 // zero throughout keeps its codes and absmax as they are.
+// kApply (every family too) is the fused apply step (Job::param): a run-time choice of the block
+// walk, outside the element loop, so it adds no instantiation.
 // Bit k of `flags` is the option kFlagNames[k] (update_math.FLAG_BITS).
-enum Flag : int { kNesterov = 1, kEpsInSqrt = 2, kBiasCorrection = 4, kSkipZeros = 8 };
+enum Flag : int { kNesterov = 1, kEpsInSqrt = 2, kBiasCorrection = 4, kSkipZeros = 8, kApply = 16 };
 inline constexpr int kCommonFlags = kSkipZeros;
 inline constexpr int kAllFlags = kNesterov | kEpsInSqrt | kBiasCorrection | kSkipZeros;
-inline constexpr int kNumFlags = 4;
-inline constexpr const char* kFlagNames[kNumFlags] = {"nesterov", "eps_in_sqrt", "bias_correction", "skip_zeros"};
+inline constexpr int kNumFlags = 5;
+inline constexpr const char* kFlagNames[kNumFlags] = {"nesterov", "eps_in_sqrt", "bias_correction", "skip_zeros",
+                                                      "apply"};
+inline constexpr const char* kApplyScalarNames = "clip_norm clip_max step_size weight_decay";
 
 // Each family: its name, kMoments and their maps (kSigned), the flags it reads, and its
 // per-step scalars (kNumScalars floats, named in order by kScalarNames), all as update_math.py
@@ -623,6 +627,24 @@ OPTAX8_HD V GuardedStep(V g, V (&m)[F::kMoments], const typename F::Consts& cons
   for (int k = 0; k < K; ++k) keep = keep & Finite(m[k]);
   for (int k = 0; k < K; ++k) m[k] = Masked(m[k], keep);
   return Masked(update, keep);
+}
+
+// The fused apply step's per-step scalars (kApply; they follow the family's in hp), and its two
+// per-element formulas, optax's operations in optax's order: clip_by_global_norm's
+// g / norm * max_norm before the step (clip_norm = clip_max = 1 where it does not clip: the same
+// bits, so callers may skip it), then add_decayed_weights, scale_by_learning_rate and
+// apply_updates on the float32 update u.
+struct ApplyScalars {
+  float clip_norm, clip_max, step_size, weight_decay;
+
+  OPTAX8_HD static ApplyScalars Of(const float* s) { return {s[0], s[1], s[2], s[3]}; }
+  OPTAX8_HD bool Clips() const { return !(clip_norm == 1.0f && clip_max == 1.0f); }
+};
+
+OPTAX8_HD float ClipGradient(float g, const ApplyScalars& a) { return g / a.clip_norm * a.clip_max; }
+
+OPTAX8_HD float AppliedParameter(float p, float u, const ApplyScalars& a) {
+  return p + a.step_size * (u + a.weight_decay * p);
 }
 
 OPTAX8_ISA_NAMESPACE_END

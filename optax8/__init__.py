@@ -18,6 +18,7 @@ from optax8._src.alias import (
 )
 from optax8._src.clipping import PercentileClippingState, clip_by_unorm, percentile_clipping
 from optax8._src.convert import convert_state
+from optax8._src.fused import FusedStep, fused
 from optax8._src.integrations import export_safety_checks, register_kernels
 from optax8._src.labels import default_labels
 from optax8._src.native import get_implementation, set_implementation
@@ -58,6 +59,7 @@ __all__ = [
     "NEGATIVE_STRETCH",
     "SIGNED_MAP",
     "UNSIGNED_MAP",
+    "FusedStep",
     "PercentileClippingState",
     "QuantizedArray",
     "ScaleByAdam8bitState",
@@ -76,6 +78,7 @@ __all__ = [
     "dequantize_blockwise",
     "dynamic_map",
     "export_safety_checks",
+    "fused",
     "get_implementation",
     "lamb8bit",
     "lars8bit",

@@ -12,7 +12,7 @@ from typing import Any
 
 import optax
 
-from optax8._src import clipping, moments, transform
+from optax8._src import clipping, fused, moments, transform
 from optax8._src import labels as labels_lib
 
 __all__ = [
@@ -85,11 +85,11 @@ def adam8bit(
     >>> round(float(params["w"][0, 0]), 4)
     0.99
   """
-  return optax.chain(
+  return fused.fusable_chain(
       transform.scale_by_adam8bit(
           b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, **_engine_options(locals()),
       ),
-      optax.scale_by_learning_rate(learning_rate),
+      learning_rate,
   )
 
 
@@ -140,12 +140,11 @@ def adamw8bit(
     (128, 1)
   """
   moments.check_non_negative("weight_decay", weight_decay)
-  return optax.chain(
+  return fused.fusable_chain(
       transform.scale_by_adam8bit(
           b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, **_engine_options(locals()),
       ),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+      learning_rate, weight_decay, mask,
   )
 
 
@@ -196,11 +195,11 @@ def sgd8bit(
           optax.chain(clipping.clip_by_unorm(max_unorm), optax.scale_by_learning_rate(learning_rate))
       )
     return optax.with_extra_args_support(optax.scale_by_learning_rate(learning_rate))
-  return optax.chain(
+  return fused.fusable_chain(
       transform.trace8bit(
           momentum, nesterov, accumulator_dtype, **_engine_options(locals()),
       ),
-      optax.scale_by_learning_rate(learning_rate),
+      learning_rate,
   )
 
 
@@ -247,12 +246,11 @@ def lion8bit(
     True
   """
   moments.check_non_negative("weight_decay", weight_decay)
-  return optax.chain(
+  return fused.fusable_chain(
       transform.scale_by_lion8bit(
           b1, b2, mu_dtype, **_engine_options(locals()),
       ),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+      learning_rate, weight_decay, mask,
   )
 
 
@@ -313,7 +311,7 @@ def rmsprop8bit(
   options = _engine_options(locals())
   rms = transform.scale_by_rms8bit(decay, eps, initial_scale, eps_in_sqrt, bias_correction, **options)
   if momentum is None:
-    return optax.chain(rms, optax.scale_by_learning_rate(learning_rate))
+    return fused.fusable_chain(rms, learning_rate)
   # The trace shares the options and, of the overrides, the quantization options and skip_zeros;
   # its own `decay` is `momentum`, not RMS's decay, and max_unorm clips the RMS scaling's output.
   trace_overrides = overrides and {
@@ -363,11 +361,11 @@ def adagrad8bit(
     >>> round(float(optax8.dequantize_blockwise(state[0].sum_of_squares["w"])[0, 0]), 6)
     0.1
   """
-  return optax.chain(
+  return fused.fusable_chain(
       transform.scale_by_rss8bit(
           initial_accumulator_value, eps, **_engine_options(locals()),
       ),
-      optax.scale_by_learning_rate(learning_rate),
+      learning_rate,
   )
 
 
@@ -418,12 +416,11 @@ def ademamix8bit(
     ['count', 'm1', 'm2', 'nu']
   """
   moments.check_non_negative("weight_decay", weight_decay)
-  return optax.chain(
+  return fused.fusable_chain(
       transform.scale_by_ademamix8bit(
           b1, b2, b3, alpha, eps, eps_root, mu_dtype, **_engine_options(locals()),
       ),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+      learning_rate, weight_decay, mask,
   )
 
 

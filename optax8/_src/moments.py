@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax8._src import clipping, integrations, native
+from optax8._src import clipping, integrations, native, update_math
 from optax8._src import labels as labels_lib
 from optax8._src import quantization as qz
 from optax8._src import sharding as sharding_lib
@@ -205,16 +205,22 @@ def reference_leaf_update(
     g: jax.Array,
     moments: Sequence[Any],
     scalars: Mapping[str, jax.Array],
+    param: jax.Array | None = None,
 ) -> tuple[jax.Array, list[Any]]:
   """One parameter's update in pure ``jax.numpy``: the oracle for the native kernels.
 
-  ``static`` may also hold ``skip_zeros`` and ``stochastic_rounding`` (then ``scalars`` holds the
-  step's ``rounding_seed``, a uint32).
+  ``static`` may also hold ``skip_zeros``, ``stochastic_rounding`` (then ``scalars`` holds the
+  step's ``rounding_seed``, a uint32) and ``apply``: the fused apply step, which clips the
+  gradient, applies the update to ``param`` with ``scalars``' ``update_math.APPLY_SCALARS`` and
+  returns the new parameter in the update's place.
   """
   static, scalars = dict(static), dict(scalars)
   skip_zeros = static.pop("skip_zeros", False)
   seed = scalars.pop("rounding_seed") if static.pop("stochastic_rounding", False) else None
+  apply = {name: scalars.pop(name) for name in update_math.APPLY_SCALARS} if static.pop("apply", False) else None
   g32 = g.astype(jnp.float32)
+  if apply is not None:
+    g32 = update_math.clipped_gradient(g32, clip_norm=apply["clip_norm"], clip_max=apply["clip_max"])
   finite = jnp.isfinite(g32)
   touched = g32 != 0  # NaN included: it resets below
   g32 = jnp.where(finite, g32, 0.0)
@@ -226,7 +232,12 @@ def reference_leaf_update(
   # A moment that overflows (e.g. g**2 > float32 max) resets like a non-finite gradient.
   for after in new:
     finite &= jnp.isfinite(after)
-  update = jnp.where(finite, update, 0.0).astype(g.dtype)
+  update = jnp.where(finite, update, 0.0)
+  if apply is None:
+    update = update.astype(g.dtype)
+  else:
+    update = update_math.applied_parameter(param.astype(jnp.float32), update, step_size=apply["step_size"],
+                                           weight_decay=apply["weight_decay"]).astype(param.dtype)
   stored = []
   for k, (before, after) in enumerate(zip(moments, new)):
     after = jnp.where(finite, after, 0.0)
@@ -347,8 +358,9 @@ def moment_transform(
     count = (jnp.zeros([], jnp.int32),) if has_count else ()
     return state_cls(*count, *trees)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
+  def step(updates, state, params, apply):
+    """The update (``apply`` None), or the fused apply step: ``apply`` holds, per leaf, the
+    scalars ``update_math.APPLY_SCALARS`` and the first result is the new params."""
     if not isinstance(state, state_cls):
       raise TypeError(
           f"{family.name}: expected a {state_cls.__name__} state, got {type(state).__name__}; "
@@ -392,20 +404,33 @@ def moment_transform(
               f"{state_cls.__name__}.{field} for {label!r} holds {_describe(held)}, but this "
               f"optimizer expects {_describe(expected)}; was the state made with other options?"
           )
-    p_leaves = _params_for_unorm(params, treedef, labels, options)
+    if apply is None:
+      p_leaves, p_boxes = _params_for_unorm(params, treedef, labels, options), g_boxes
+    else:
+      unorm = [label for label, o in zip(labels, options) if not _unorm_off(o["max_unorm"])]
+      if unorm:
+        raise ValueError(
+            f"optax8.fused: max_unorm clips {unorm[0]!r}'s whole update by its norm before it is applied, "
+            "which one pass over the parameter cannot do; use tx.update and optax.apply_updates."
+        )
+      p_boxes, params_def = jax.tree.flatten(params, is_leaf=integrations.is_box)
+      if params_def != treedef:
+        raise ValueError(f"params do not match the gradients' tree structure: {params_def} and {treedef}.")
+      p_leaves = [jnp.asarray(integrations.unbox(p)) for p in p_boxes]
     count = optax.safe_increment(state.count) if has_count else jnp.ones([], jnp.int32)
     hyper_names = tuple(hyperparams)
     new_updates, new_moments = [], [[] for _ in moment_fields]
+    flags = {"apply": apply is not None}
     leaf_updates = {
         skip: functools.partial(native.leaf_update, reference_leaf_update, family,
-                                {**static, "skip_zeros": True} if skip else static)
+                                {**static, "skip_zeros": True, **flags} if skip else {**static, **flags})
         for skip in (False, True)
     }
     # Stochastic rounding runs the reference: its bits are a hash of the step count, the label and
     # each element's global index and value, the same on every platform and mesh.
     rounded_updates = {
         skip: functools.partial(reference_leaf_update, family,
-                                {**static, "skip_zeros": skip, "stochastic_rounding": True})
+                                {**static, "skip_zeros": skip, "stochastic_rounding": True, **flags})
         for skip in (False, True)
     }
     scalars_of = {}  # leaves with the same hyperparameters share their scalars, traced once
@@ -420,14 +445,23 @@ def moment_transform(
         leaf_update = rounded_updates[options[i]["skip_zeros"]]
         label_hash = np.uint32(zlib.crc32(labels[i].encode()))
         scalars = {**scalars, "rounding_seed": count.astype(jnp.uint32) * np.uint32(0x9E3779B1) ^ label_hash}
-      u, stored = sharding_lib.in_whole_blocks(leaf_update, g, [leaves[i] for leaves in moments], scalars)
-      if p_leaves[i] is not None:
+      if apply is not None:
+        scalars = {**scalars, **apply[i]}
+      u, stored = sharding_lib.in_whole_blocks(leaf_update, g, [leaves[i] for leaves in moments], scalars,
+                                               None if apply is None else p_leaves[i])
+      if apply is None and p_leaves[i] is not None:
         u = clipping.unorm_clipped(u, p_leaves[i], options[i]["max_unorm"])
-      new_updates.append(integrations.rebox(g_boxes[i], u))
+      new_updates.append(integrations.rebox(p_boxes[i], u))
       for acc, boxes, s in zip(new_moments, moment_boxes, stored):
         acc.append(integrations.rebox(boxes[i], s))
     trees = [treedef.unflatten(leaves) for leaves in new_moments]
     new_state = state_cls(*((count,) if has_count else ()), *trees)
     return treedef.unflatten(new_updates), new_state
 
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    return step(updates, state, params, None)
+
+  # The fused apply step's entry (optax8._src.fused): (grads, state, params, apply) -> (params, state).
+  update_fn.apply_step = step
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

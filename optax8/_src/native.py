@@ -135,10 +135,19 @@ batching.primitive_batchers[_reference_p] = _batched_reference
 
 
 def _staged_reference(reference: Callable[..., tuple[jax.Array, list[Any]]], g: jax.Array,
-                      moments: list[qz.QuantizedArray], scalars: dict[str, jax.Array]):
-  """``reference(g, moments, scalars)`` as one ``_reference_p``, traced only when lowered."""
-  operands, tree = jax.tree.flatten((g, moments, scalars))
-  flat = lambda *operands: jax.tree.leaves(reference(*jax.tree.unflatten(tree, operands)))
+                      moments: list[qz.QuantizedArray], scalars: dict[str, jax.Array], param: jax.Array | None):
+  """``reference(g, moments, scalars, param)`` as one ``_reference_p``, traced only when lowered.
+
+  The primitive's results are typed like its first operands: the first result's (``param``
+  where given, else ``g``), then the moments' leaves.
+  """
+  first = g if param is None else param
+  operands, tree = jax.tree.flatten((first, moments, g, scalars))
+
+  def flat(*operands):
+    first, moments, g, scalars = jax.tree.unflatten(tree, operands)
+    return jax.tree.leaves(reference(g, moments, scalars, None if param is None else first))
+
   update, *new = _reference_p.bind(*operands, fn=flat, num_results=1 + len(jax.tree.leaves(moments)))
   return update, jax.tree.unflatten(jax.tree.structure(moments), new)
 
@@ -160,8 +169,9 @@ def _dispatcher(reference: Callable[..., Any], family: Any, static: tuple[tuple[
   # derivative goes through this rule again), tangents from the reference's own JVP, which
   # jax.grad transposes. The rule is traced only under differentiation.
   @jax.custom_jvp
-  def dispatch(g, moments, scalars):
-    return jax.lax.platform_dependent(g, moments, scalars, **dict.fromkeys(platforms, kernel), default=default)
+  def dispatch(g, moments, scalars, param):
+    return jax.lax.platform_dependent(g, moments, scalars, param, **dict.fromkeys(platforms, kernel),
+                                      default=default)
 
   def dispatch_jvp(primals, tangents):
     return dispatch(*primals), _perturbed_jvp(reference, primals, tangents)
@@ -195,6 +205,7 @@ def leaf_update(
     g: jax.Array,
     moments: Sequence[Any],
     scalars: Mapping[str, jax.Array],
+    param: jax.Array | None = None,
 ) -> tuple[jax.Array, list[Any]]:
   """One parameter's update: the platform's native kernel where it applies, else ``reference``.
 
@@ -208,19 +219,22 @@ def leaf_update(
   the values stay the kernel's, the same as without differentiation.
 
   Args:
-    reference: ``reference(family, static, g, moments, scalars) -> (update, moments)``.
+    reference: ``reference(family, static, g, moments, scalars, param) -> (update, moments)``.
     family: the optimizer family (``update_math.Family``).
     static: the family's static options.
     g: the parameter's gradient.
     moments: the parameter's moments (quantized or float32).
-    scalars: ``family.scalars(...)``, the per-step float32 scalars.
+    scalars: ``family.scalars(...)``, the per-step float32 scalars (under the ``apply`` static
+      option also ``update_math.APPLY_SCALARS``).
+    param: under ``apply``, the parameter (the fused apply step), else ``None``.
 
   Returns:
-    The update, in ``g``'s dtype, and the new moments.
+    The update, in ``g``'s dtype (under ``apply``: the new parameter, in its dtype), and the
+    new moments.
   """
-  applies = get_implementation() != "reference" and native_call.applies(family, static, g, moments, scalars)
+  applies = get_implementation() != "reference" and native_call.applies(family, static, g, moments, scalars, param)
   platforms = kernel_platforms() if applies else []
   if not platforms:
-    return reference(family, static, g, moments, scalars)
+    return reference(family, static, g, moments, scalars, param)
   dispatch = _dispatcher(reference, family, tuple(static.items()), tuple(platforms))
-  return dispatch(g, list(moments), dict(scalars))
+  return dispatch(g, list(moments), dict(scalars), param)

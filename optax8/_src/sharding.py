@@ -117,29 +117,37 @@ def absmax_spec(
 
 
 def in_whole_blocks(
-    update: Callable[..., tuple[jax.Array, list[Any]]], g: jax.Array, moments: Sequence[Any], *args: Any
+    update: Callable[..., tuple[jax.Array, list[Any]]], g: jax.Array, moments: Sequence[Any], scalars: Any,
+    param: jax.Array | None = None,
 ) -> tuple[jax.Array, list[Any]]:
-  """``update(g, moments, *args)`` with operands that agree on whole blocks, under sharding-in-types.
+  """``update(g, moments, scalars, param)`` with operands that agree on whole blocks, under sharding-in-types.
 
-  With an Explicit mesh every moment takes ``g``'s sharding, except that a last axis cut
-  into pieces that are not whole blocks is gathered first; the results come back with the
-  operands' own types, so the state's types never change (a tensor's one absmax stays
+  With an Explicit mesh every moment (and ``param``, the fused apply step's) takes ``g``'s
+  sharding, except that a last axis cut into pieces that are not whole blocks is gathered
+  first; the results come back with the operands' own types (the first one ``param``'s, if
+  given, else ``g``'s), so the state's types never change (a tensor's one absmax stays
   replicated). Elsewhere (Auto mode, one device) XLA places the operands and this is
-  ``update(g, moments, *args)``.
+  ``update(g, moments, scalars, param)``.
   """
   sharding = jax.typeof(g).sharding
   if AxisType.Explicit not in sharding.mesh.axis_types:
-    return update(g, list(moments), *args)
+    return update(g, list(moments), scalars, param)
   block_size = next((m.block_size for m in moments if qz.is_quantized(m)), None)
   spec = _update_spec(sharding.spec, g.shape, block_size, sharding.mesh)
   to = lambda x, spec: jax.sharding.reshard(x, NamedSharding(sharding.mesh, spec if jnp.ndim(x) else PartitionSpec()))
-  new_g, new = update(to(g, spec), [jax.tree.map(lambda x: to(x, spec), m) for m in moments], *args)
+  new_first, new = update(to(g, spec), [jax.tree.map(lambda x: to(x, spec), m) for m in moments], scalars,
+                          None if param is None else to(param, spec))
   back = lambda after, before: to(after, jax.typeof(before).sharding.spec)
-  return back(new_g, g), [jax.tree.map(back, after, before) for after, before in zip(new, moments)]
+  return back(new_first, g if param is None else param), [
+      jax.tree.map(back, after, before) for after, before in zip(new, moments)
+  ]
 
 
-def _block_rule(shape: tuple[int, ...], hp_rank: int, num_state: int, block_size: int) -> tuple[str, dict[str, Any]]:
-  """The Shardy rule of a blockwise update ``(g, hp, *state) -> (update, *state)``.
+def _block_rule(shape: tuple[int, ...], hp_rank: int, num_state: int, block_size: int,
+                num_tensors: int = 0) -> tuple[str, dict[str, Any]]:
+  """The Shardy rule of a blockwise update ``(g, hp, *state, *tensors) -> (update, *state)``.
+
+  ``tensors`` (the fused apply step's parameter) are shaped like ``g``.
 
   ``state`` alternates codes (``g``'s shape) and absmax (blocks along the last axis); ``hp``'s
   leading axes, if any, are ``g``'s leading (vmapped) axes. Leading axes shard freely. The last
@@ -156,7 +164,8 @@ def _block_rule(shape: tuple[int, ...], hp_rank: int, num_state: int, block_size
   tensor, absmax = " ".join([*lead, "n"]), " ".join([*lead, "k"])
   hp = " ".join([*lead[: hp_rank - 1], "h"])
   state = [tensor, absmax] * (num_state // 2)
-  return f"{', '.join([tensor, hp, *state])} -> {', '.join([tensor, *state])}", factors
+  operands = [tensor, hp, *state, *[tensor] * num_tensors]
+  return f"{', '.join(operands)} -> {', '.join([tensor, *state])}", factors
 
 
 def _partition(
@@ -171,14 +180,16 @@ def _partition(
   return mesh, call, results, (tensor, hp_sharding, *(tensor,) * len(state))
 
 
-def partitioned_by_blocks(call: Callable[..., Sequence[jax.Array]], block_size: int) -> Callable[..., tuple]:
+def partitioned_by_blocks(call: Callable[..., Sequence[jax.Array]], block_size: int,
+                          num_tensors: int = 0) -> Callable[..., tuple]:
   """Wraps a blockwise update so that XLA partitions it with its operands' sharding.
 
-  ``call(g, hp, *state) -> (update, *new_state)`` updates every block of ``block_size``
-  elements along the last axis on its own: ``state`` alternates codes (``g``'s shape) and
-  absmax (one per block), ``hp`` holds the per-step scalars (``hp[..., K]``, its leading axes
-  batching ``g``'s rows). Its results must be typed like ``g`` and ``state`` (``jax.typeof``),
-  so that they keep their shardings under sharding-in-types.
+  ``call(g, hp, *state, *tensors) -> (update, *new_state)`` updates every block of
+  ``block_size`` elements along the last axis on its own: ``state`` alternates codes (``g``'s
+  shape) and absmax (one per block), ``hp`` holds the per-step scalars (``hp[..., K]``, its
+  leading axes batching ``g``'s rows), the last ``num_tensors`` operands are shaped like ``g``.
+  Its results must be typed like ``g`` and ``state`` (``jax.typeof``), so that they keep their
+  shardings under sharding-in-types.
 
   Under ``jit`` on several devices each device runs ``call`` on its own blocks, with no
   communication, whenever every device holds whole blocks (a last axis that is not sharded,
@@ -198,7 +209,7 @@ def partitioned_by_blocks(call: Callable[..., Sequence[jax.Array]], block_size: 
     if AxisType.Manual in jax.typeof(g).sharding.mesh.axis_types:  # in shard_map: per device already
       return tuple(call(g, hp, *state))
     op = custom_partitioning(call)
-    rule, factors = _block_rule(tuple(g.shape), jnp.ndim(hp), len(state), block_size)
+    rule, factors = _block_rule(tuple(g.shape), jnp.ndim(hp), len(state) - num_tensors, block_size, num_tensors)
     op.def_partition(partition=lambda *a: _partition(call, block_size, *a), sharding_rule=rule, **factors)
     return tuple(op(g, hp, *state))
 
@@ -208,7 +219,7 @@ def partitioned_by_blocks(call: Callable[..., Sequence[jax.Array]], block_size: 
         x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
         for x, batched in zip((g, hp, *state), in_batched)
     ]
-    out = partitioned_by_blocks(call, block_size)(*operands)
+    out = partitioned_by_blocks(call, block_size, num_tensors)(*operands)
     return out, (True,) * len(out)
 
   return update

@@ -25,16 +25,36 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "ADAM", "ADAGRAD", "ADEMAMIX", "COMMON_FLAGS", "FAMILIES", "FLAG_BITS", "LION", "MOMENTUM", "RMSPROP", "Family",
-    "kernel_contract",
+    "ADAM", "ADAGRAD", "ADEMAMIX", "APPLY_SCALARS", "COMMON_FLAGS", "FAMILIES", "FLAG_BITS", "LION", "MOMENTUM",
+    "RMSPROP", "Family", "applied_parameter", "clipped_gradient", "kernel_contract",
 ]
 
 f32 = jnp.float32
 
 # The static options a kernel takes, as bits of its `flags` attribute (optax8_math.h's Flag).
-FLAG_BITS = {"nesterov": 1, "eps_in_sqrt": 2, "bias_correction": 4, "skip_zeros": 8}
+FLAG_BITS = {"nesterov": 1, "eps_in_sqrt": 2, "bias_correction": 4, "skip_zeros": 8, "apply": 16}
 # The ones every family takes (the moments' wrapper applies them, not ``elementwise``).
-COMMON_FLAGS = ("skip_zeros",)
+COMMON_FLAGS = ("skip_zeros", "apply")
+# The fused apply step's (``apply``) per-step scalars, after the family's own.
+APPLY_SCALARS = ("clip_norm", "clip_max", "step_size", "weight_decay")
+
+
+def clipped_gradient(g, *, clip_norm, clip_max):
+  """The fused apply step's gradient: :func:`optax.clip_by_global_norm`'s ``g / norm * max_norm``.
+
+  ``clip_norm = clip_max = 1`` where the norm is within bounds, which leaves ``g`` as it is.
+  """
+  return g / clip_norm * clip_max
+
+
+def applied_parameter(p, u, *, step_size, weight_decay):
+  r"""The fused apply step's new parameter, in float32, from the float32 update ``u``.
+
+  :math:`p + \eta_t (u + \lambda p)`: :func:`optax.add_decayed_weights`, the step size
+  (:func:`optax.scale_by_learning_rate`'s :math:`-\mathrm{lr}`) and :func:`optax.apply_updates`,
+  in optax's order.
+  """
+  return p + step_size * (u + weight_decay * p)
 
 
 class Family(NamedTuple):
@@ -224,4 +244,5 @@ def kernel_contract() -> str:
     flags = sum(FLAG_BITS[name] for name in family.flags)
     signed = "".join("1" if s else "0" for s in family.signed)
     parts.append(f"{family.name}({' '.join(family.scalar_names)}) flags={flags} signed={signed}")
+  parts.append(f"apply({' '.join(APPLY_SCALARS)})")
   return "; ".join(parts)
