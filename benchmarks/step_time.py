@@ -1,15 +1,20 @@
 """Step time of optax8's 8-bit optimizers against optax's 32-bit ones on this machine's CPU.
 
-One step is ``tx.update`` followed by ``optax.apply_updates``, compiled with ``jax.jit`` for
-four float32 ``d x d`` matrices: 1M, 16M and 64M parameters by default. The optimizer state is
-donated, and so are either the parameters or the gradient, whichever lets XLA run the step
-with fewer bytes (the new parameters then overwrite them): in a training step that computes
-the gradient itself, parameters and gradient buffers are both free for reuse. The variants:
+One step is ``tx.update`` followed by ``optax.apply_updates`` (or, for the fused variants,
+``optax8.fused(tx).step``), compiled with ``jax.jit`` for four float32 ``d x d`` matrices: 1M,
+16M and 64M parameters by default. The optimizer state is donated, and so are either the
+parameters or the gradient, whichever lets XLA run the step with fewer bytes (the new
+parameters then overwrite them): in a training step that computes the gradient itself,
+parameters and gradient buffers are both free for reuse. The "donate (0, 1)" variants donate
+the parameters and the state whatever that costs, as ``jax.jit(step, donate_argnums=(0, 1))``
+in a loop that passes the gradient in. The variants:
 
-* ``optax.adam`` (float32 moments), the baseline of every ratio;
+* ``optax.adam`` (float32 moments), the baseline of every ratio, also under donate (0, 1);
 * ``optax.adam(mu_dtype=bfloat16)``;
-* ``optax8.adam8bit`` on the native kernel and on the pure-JAX reference path;
-* ``optax.sgd(momentum=0.9)`` and ``optax8.sgd8bit(momentum=0.9)`` on the kernel.
+* ``optax8.adam8bit`` on the native kernel (also under donate (0, 1)), on the pure-JAX
+  reference path, and fused (``optax8.fused``) on the kernel;
+* ``optax.sgd(momentum=0.9)`` and ``optax8.sgd8bit(momentum=0.9)`` on the kernel, unfused and
+  fused.
 
 The variants are timed in interleaved rounds after a warm-up round (the machine may be shared
 and noisy); the table gives each one's median step time, nanoseconds per parameter, its ratio
@@ -59,21 +64,30 @@ class Variant:
     make: builds the transformation.
     implementation: ``optax8.set_implementation``'s choice while the step is traced.
     baseline: the name of the 32-bit variant this one is compared with.
+    fused: time ``optax8.fused(tx).step`` instead of ``update`` + ``apply_updates``.
+    donate: the ``donate_argnums``, or ``None`` for the better of (0, 1) and (1, 2).
   """
 
   name: str
   make: Callable[[], optax.GradientTransformation]
   implementation: str = "auto"
   baseline: str = "optax.adam"
+  fused: bool = False
+  donate: tuple[int, ...] | None = None
 
 
 VARIANTS = (
     Variant("optax.adam", lambda: optax.adam(1e-3)),
+    Variant("optax.adam, donate (0, 1)", lambda: optax.adam(1e-3), donate=(0, 1)),
     Variant("optax.adam bf16 mu", lambda: optax.adam(1e-3, mu_dtype=jnp.bfloat16)),
     Variant("adam8bit kernel", lambda: optax8.adam8bit(1e-3), "native"),
+    Variant("adam8bit kernel, donate (0, 1)", lambda: optax8.adam8bit(1e-3), "native",
+            "optax.adam, donate (0, 1)", donate=(0, 1)),
+    Variant("adam8bit fused", lambda: optax8.adam8bit(1e-3), "native", fused=True),
     Variant("adam8bit reference", lambda: optax8.adam8bit(1e-3), "reference"),
     Variant("optax.sgd momentum", lambda: optax.sgd(1e-3, momentum=0.9), baseline="optax.sgd momentum"),
     Variant("sgd8bit kernel", lambda: optax8.sgd8bit(1e-3, momentum=0.9), "native", "optax.sgd momentum"),
+    Variant("sgd8bit fused", lambda: optax8.sgd8bit(1e-3, momentum=0.9), "native", "optax.sgd momentum", fused=True),
 )
 
 
@@ -107,19 +121,23 @@ class CompiledStep:
 
 
 def compile_step(variant: Variant, params: Any) -> CompiledStep:
-  """Compiles ``update`` + ``apply_updates`` for ``params``' shapes, donating what fits best."""
+  """Compiles the variant's step for ``params``' shapes, donating what fits best (or what it says)."""
   tx = variant.make()
 
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
+  if variant.fused:
+    step = optax8.fused(tx).step
+  donations = ((0, 1), (1, 2)) if variant.donate is None else (variant.donate,)
+
   optax8.set_implementation(variant.implementation)  # chosen while the step is traced
   try:
     state = tx.init(params)
     with warnings.catch_warnings():
       warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-      candidates = [jax.jit(step, donate_argnums=d).lower(params, state, params).compile() for d in ((0, 1), (1, 2))]
+      candidates = [jax.jit(step, donate_argnums=d).lower(params, state, params).compile() for d in donations]
   finally:
     optax8.set_implementation(None)
   compiled = min(candidates, key=lambda c: footprint(c.memory_analysis()))

@@ -37,7 +37,8 @@ def test_gpu_benchmark_code_runs_on_the_cpu_kernel():
   result = gpu_step.measure(2**16, warmup=1, steps=2, device=jax.devices("cpu")[0])
   assert result.uses_kernel and result.kernel_bytes > 0 and result.copy > 0
   text = gpu_step.tables([result])
-  assert "target: adam8bit step" in text and "x copy" in text
+  assert "target: adam8bit step" in text and "target: fused step" in text and "x copy" in text
+  assert result.fused_step > 0
 
 
 def test_offload_benchmark_compiles_and_times_both_steps(capsys):
