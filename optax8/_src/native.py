@@ -135,7 +135,7 @@ batching.primitive_batchers[_reference_p] = _batched_reference
 
 
 def _staged_reference(reference: Callable[..., tuple[jax.Array, list[Any]]], g: jax.Array,
-                      moments: list[qz.QuantizedArray], scalars: dict[str, jax.Array], param: jax.Array | None):
+                      moments: list[qz.QuantizedArray], scalars: dict[str, jax.Array], param: jax.Array | None = None):
   """``reference(g, moments, scalars, param)`` as one ``_reference_p``, traced only when lowered.
 
   The primitive's results are typed like its first operands: the first result's (``param``
