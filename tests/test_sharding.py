@@ -135,6 +135,16 @@ def test_update_options_add_only_scalar_all_reduces_and_train_as_on_one_device_u
   assert facts["custom_call"] == (implementation == "native" and native_library.usable())
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("mode", list(worker.MODES))
+def test_fused_step_needs_no_communication_and_trains_as_the_unfused_step_on_one_device(mode, implementation):
+  facts = measured("fused", implementation)[mode]
+  assert not facts["non_scalar_collectives"], facts  # the clip's norm is a scalar all-reduce
+  assert not facts["state_differs_from_one_device"]
+  assert facts["params_max_relative_difference"] < 1e-6
+  assert facts["custom_call"] == (implementation == "native" and native_library.usable())
+
+
 def test_checkpoint_restores_onto_another_mesh_and_training_continues_bit_identically(tmp_path):
   pytest.importorskip("orbax.checkpoint")
   facts = run_worker(tmp_path / "facts.json", "checkpoint", str(tmp_path / "checkpoint"))
