@@ -265,10 +265,16 @@ def _params_for_unorm(params: Any, treedef: Any, labels: Sequence[str], options:
         f"max_unorm clips {first!r}'s update relative to the parameter's norm, so update() needs the params: "
         "call tx.update(grads, state, params)."
     )
+  _, leaves = _param_leaves(params, treedef)
+  return [p if c else None for p, c in zip(leaves, clipped)]
+
+
+def _param_leaves(params: Any, treedef: Any) -> tuple[list, list]:
+  """The params' leaves (Flax boxes as leaves) and their unboxed arrays, checked against ``treedef``."""
   boxes, params_def = jax.tree.flatten(params, is_leaf=integrations.is_box)
   if params_def != treedef:
     raise ValueError(f"params do not match the updates' tree structure: {params_def} and {treedef}.")
-  return [jnp.asarray(integrations.unbox(p)) if c else None for p, c in zip(boxes, clipped)]
+  return boxes, [jnp.asarray(integrations.unbox(p)) for p in boxes]
 
 
 def moment_transform(
@@ -413,10 +419,7 @@ def moment_transform(
             f"optax8.fused: max_unorm clips {unorm[0]!r}'s whole update by its norm before it is applied, "
             "which one pass over the parameter cannot do; use tx.update and optax.apply_updates."
         )
-      p_boxes, params_def = jax.tree.flatten(params, is_leaf=integrations.is_box)
-      if params_def != treedef:
-        raise ValueError(f"params do not match the gradients' tree structure: {params_def} and {treedef}.")
-      p_leaves = [jnp.asarray(integrations.unbox(p)) for p in p_boxes]
+      p_boxes, p_leaves = _param_leaves(params, treedef)
     count = optax.safe_increment(state.count) if has_count else jnp.ones([], jnp.int32)
     hyper_names = tuple(hyperparams)
     new_updates, new_moments = [], [[] for _ in moment_fields]
