@@ -91,8 +91,9 @@ struct Chunk {
 // kernel); elements whose gradient is not zero set `touched`. Stores the update when kStore (it
 // needs no absmax, so it leaves the registers at once). Elements at or past n compute on zeros
 // and are never stored.
-// Under the fused apply step (job.param) the gradient is clipped first and the new parameter
-// stored in place of the update.
+// Under the fused apply step (kApply in kFlags: job.param) the gradient is clipped first and the
+// new parameter stored in place of the update. A template flag, so that the update's kernels carry
+// none of its code.
 template <class F, int kFlags, class T, bool kStore>
 __device__ __forceinline__ void StepChunk(const Job& job, int64_t start, int n, int lane,
                                           const float (&absmax)[F::kMoments], const typename F::Consts& consts,
@@ -101,8 +102,8 @@ __device__ __forceinline__ void StepChunk(const Job& job, int64_t start, int n, 
   const T* g = static_cast<const T*>(job.g) + start;
   const T* p = static_cast<const T*>(job.param) + start;
   T* u = static_cast<T*>(job.update) + start;
-  const bool applies = job.param != nullptr;  // the same for the whole grid
-  const bool clips = applies && apply.Clips();
+  constexpr bool kApplies = (kFlags & kApply) != 0;
+  const bool clips = kApplies && apply.Clips();  // the same for the whole grid
   float grad[kItems];
   uint32_t codes[K][kItems];
   // Every load first, so that all of them are in flight together.
@@ -124,7 +125,7 @@ __device__ __forceinline__ void StepChunk(const Job& job, int64_t start, int n, 
     // In place when the update aliases the gradient: every element was read above; the
     // parameter's element is read just before its new value overwrites it.
     const int j = i * kWarp + lane;
-    if (kStore && j < n) u[j] = FromFloat<T>(applies ? AppliedParameter(ToFloat(p[j]), update, apply) : update);
+    if (kStore && j < n) u[j] = FromFloat<T>(kApplies ? AppliedParameter(ToFloat(p[j]), update, apply) : update);
 #pragma unroll
     for (int k = 0; k < K; ++k) out.moments[k][i] = m[k];
   }
@@ -259,7 +260,7 @@ __device__ __forceinline__ void WalkBlocks(const Job& job, BlockLength block_len
       group = row / job.rows_per_group;
       const float* hp = job.hp + group * job.hp_stride;
       consts = F::Prepare(hp);
-      if (job.param != nullptr) apply = ApplyScalars::Of(hp + F::kNumScalars);
+      if constexpr ((kFlags & kApply) != 0) apply = ApplyScalars::Of(hp + F::kNumScalars);
     }
     UpdateBlock<F, kFlags, T>(job, block, row * job.row_length + column, block_length(column), lane, consts, apply);
   }
@@ -322,7 +323,10 @@ ffi::Error UpdateImpl(cudaStream_t stream, ffi::AnyBuffer g, ffi::Buffer<ffi::F3
   const Launchers* launchers = nullptr;
   VisitFamily(job.family, [&](auto family_tag) {
     using F = decltype(family_tag);
-    VisitFlags<F>(job.flags, [&](auto flags_tag) { launchers = &kLaunchers<F, decltype(flags_tag)::value>; });
+    VisitFlags<F>(job.flags, [&](auto flags_tag) {
+      constexpr int kFlags = decltype(flags_tag)::value;
+      launchers = job.param != nullptr ? &kLaunchers<F, kFlags | kApply> : &kLaunchers<F, kFlags>;
+    });
   });
   const LaunchFn launch = job.dtype == GradientType::kBF16  ? launchers->bf16
                           : job.dtype == GradientType::kF16 ? launchers->f16
