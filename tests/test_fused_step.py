@@ -35,6 +35,7 @@ FUSABLE = {
     "ademamix": lambda: optax8.ademamix8bit(1e-3),
     "adagrad": lambda: optax8.adagrad8bit(1e-2),
     "rmsprop": lambda: optax8.rmsprop8bit(1e-2),
+    "chain_of_one": lambda: optax.chain(optax8.adam8bit(1e-2)),
 }
 
 IMPLEMENTATIONS = ["reference"] + (["native"] if native_library.usable("cpu") else [])
@@ -153,8 +154,11 @@ def test_fused_bfloat16_step_stays_within_bfloat16_rounding(implementation):
         lambda: optax8.sgd8bit(1e-3),
         lambda: optax.chain(optax8.adam8bit(1e-3), optax.clip_by_global_norm(1.0)),
         lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0), optax8.adam8bit(1e-3)),
+        lambda: optax.inject_hyperparams(lambda learning_rate: optax.chain(optax8.adam8bit(learning_rate),
+                                                                            optax.scale(2.0)))(learning_rate=1e-2),
     ],
-    ids=["optax_adam", "lamb8bit", "rmsprop_momentum", "sgd_no_momentum", "clip_after", "two_clips"],
+    ids=["optax_adam", "lamb8bit", "rmsprop_momentum", "sgd_no_momentum", "clip_after", "two_clips",
+         "injected_custom_factory"],
 )
 def test_transformations_it_cannot_fuse_are_refused(make):
   with pytest.raises(TypeError, match="fuses optax8's adam8bit"):

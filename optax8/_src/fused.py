@@ -183,13 +183,26 @@ def _fused_call(update: Callable[..., Any]) -> _Plan:
 
 def _plan(update: Callable[..., Any], *, clipped: bool = False) -> _Plan:
   """How to run ``update``'s transformation fused, or a TypeError naming what is fusable."""
+  from optax8._src import alias  # noqa: PLC0415 (alias builds its chains with this module)
+
   update = _unwrapped(update)
-  if getattr(update, "fusable", False) or (_code(update) is _INJECT and callable(_closure(update)["inner_factory"])):
+  # Under inject_hyperparams only optax8's own aliases: their chain's result is the step's.
+  fusable_factories = (alias.adam8bit, alias.adamw8bit, alias.sgd8bit, alias.lion8bit, alias.adagrad8bit,
+                       alias.ademamix8bit, alias.rmsprop8bit)
+  if getattr(update, "fusable", False) or (
+      _code(update) is _INJECT and _closure(update)["inner_factory"] in fusable_factories
+  ):
     return _fused_call(update)
   if _code(update) is _CHAIN:
     fns = [_unwrapped(fn) for fn in _closure(update)["update_fns"]]
     if len(fns) == 1:
-      return _plan(fns[0], clipped=clipped)
+      only = _plan(fns[0], clipped=clipped)
+
+      def plan_of_one(params, state, grads, clip):
+        new_params, inner_state = only(params, state[0], grads, clip)
+        return new_params, (inner_state,)
+
+      return plan_of_one
     if len(fns) == 2 and _code(fns[0]) is _CLIP and not clipped:
       max_norm = _closure(fns[0])["max_norm"]
       inner = _plan(fns[1], clipped=True)
