@@ -6,15 +6,17 @@ kernel with every block the default 256 elements long (the path nearly every blo
 its code is straight through), and reads the machine code with ``cuobjdump``. Per family
 (float32 gradients, no flags):
 
-* ``instr/elem``: the probe's instructions less those of the same kernel without its walk over
-  the blocks, over the 8 elements each lane of a warp updates per block: the block's indexing,
-  loads, decoding, the family's math, the finiteness checks, the update store, the block
-  maximum and the encoding. The walk's body is straight-line code run once per block, so this
-  is what each element executes, except that the rarely taken slow paths of IEEE division and
-  square root (subnormal or extreme operands) count as if taken;
-* the same split by the units that issue them: FP32 (``FADD``/``FMUL``/``FSETP``...),
-  integer and logic (the H200 issues these at half the FP32 rate), memory, MUFU (sqrt,
-  reciprocal), the rest (moves, predicates, control);
+* ``instr/elem``: the instructions one iteration of the kernel's loop over the blocks executes
+  on its common path, over the 8 elements each lane of a warp updates per block: the block's
+  indexing, loads, decoding, the family's math, the finiteness checks, the update store, the
+  block maximum and the encoding. Left out are the calls of rare paths, which the loop branches
+  around: the slow paths of IEEE division and square root (subnormal or extreme operands) and
+  the change of hyperparameter group (once per warp where there is one group);
+* ``static``: every instruction of the walk per element, those rare paths and their
+  out-of-line code included (a bound that counts code never run in the common case);
+* the common path split by the units that issue its instructions: FP32 (``FADD``/``FMUL``/
+  ``FSETP``...), integer and logic (the H200 issues these at half the FP32 rate), memory, MUFU
+  (sqrt, reciprocal), the rest (moves, predicates, control);
 * ``regs`` and ``local`` (spilled bytes) of the library's kernel itself, and the shared memory
   its code tables take.
 
@@ -42,7 +44,7 @@ import tempfile
 
 from examples import common
 
-__all__ = ["FAMILIES", "count_instructions", "find_tools", "main"]
+__all__ = ["FAMILIES", "common_path_of_loop", "count_instructions", "find_tools", "main", "parse_sass"]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "custom_calls" / "optax8_cuda.cu"
@@ -61,9 +63,9 @@ namespace {
 // The kernel with every block 256 elements long (so the code of a block's path is straight
 // through), and the kernel without its walk over the blocks.
 template <class F, bool kWalk>
-__global__ void __launch_bounds__(kThreads, F::kMoments > 2 ? 2 : 3) SassProbe(const Job job) {
+__global__ void __launch_bounds__(kThreads, F::kMoments > 2 ? 2 : 3) SassProbe(const Job job, const Walk walk) {
   LoadSharedTables<F>();
-  if (kWalk) WalkBlocks<F, 0, float>(job, [](int64_t) { return int64_t{256}; });
+  if (kWalk) WalkBlocks<F, 0, float>(job, walk, [](int64_t, int64_t) { return BlockShape{256, true}; });
 }
 }  // namespace
 }  // namespace optax8
@@ -104,19 +106,56 @@ def find_tools() -> tuple[str | None, str | None]:
   return nvcc, cuobjdump
 
 
-def count_instructions(sass: str) -> dict[str, collections.Counter]:
-  """Per function in cuobjdump's ``-sass`` listing, its instructions by opcode (NOPs left out)."""
-  functions: dict[str, collections.Counter] = {}
+def parse_sass(sass: str) -> dict[str, list[tuple[int, bool, str, str]]]:
+  """Per function in cuobjdump's ``-sass`` listing, its instructions as (address, predicated,
+  opcode with modifiers, operands), NOPs left out."""
+  functions: dict[str, list[tuple[int, bool, str, str]]] = {}
   current = None
   for line in sass.splitlines():
     header = re.match(r"\s*Function : (\S+)", line)
     if header:
-      current = functions.setdefault(header.group(1), collections.Counter())
+      current = functions.setdefault(header.group(1), [])
       continue
-    instruction = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)", line)
-    if instruction and current is not None and instruction.group(1) != "NOP":
-      current[instruction.group(1)] += 1
+    instruction = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*)", line)
+    if instruction and current is not None and instruction.group(3) != "NOP":
+      current.append((int(instruction.group(1), 16), bool(instruction.group(2)), instruction.group(3),
+                      instruction.group(4).strip()))
   return functions
+
+
+def count_instructions(sass: str) -> dict[str, collections.Counter]:
+  """Per function in cuobjdump's ``-sass`` listing, its instructions by opcode (NOPs left out)."""
+  return {name: collections.Counter(op.split(".")[0] for _, _, op, _ in code)
+          for name, code in parse_sass(sass).items()}
+
+
+def _target(operands: str) -> int | None:
+  target = re.match(r"0x([0-9a-f]+)", operands)
+  return int(target.group(1), 16) if target else None
+
+
+def common_path_of_loop(code: list[tuple[int, bool, str, str]]) -> collections.Counter:
+  """The opcodes of the function's last loop before its final ``EXIT`` (the block walk), less
+  the instructions that a predicated forward branch skips on the way to a ``CALL``: the setup
+  and call of a rare path."""
+  end_index = max(i for i, (_, _, op, _) in enumerate(code) if op == "EXIT")
+  start = end = None
+  for address, _, op, operands in reversed(code[:end_index]):
+    target = _target(operands)
+    if op.startswith("BRA") and target is not None and target < address:
+      start, end = target, address
+      break
+  if start is None:
+    raise RuntimeError("no loop found before the kernel's EXIT")
+  body = [instruction for instruction in code if start <= instruction[0] <= end]
+  rare = set()
+  for address, predicated, op, operands in body:
+    target = _target(operands)
+    if predicated and op.startswith("BRA") and target is not None and target > address:
+      skipped = [i for i in body if address < i[0] < target]
+      if any(i[2].startswith("CALL") for i in skipped):
+        rare.update(i[0] for i in skipped)
+  return collections.Counter(op.split(".")[0] for address, _, op, _ in body if address not in rare)
 
 
 def _unit_counts(opcodes: collections.Counter) -> dict[str, int]:
@@ -161,16 +200,18 @@ def measure(arch: str, nvcc: str, cuobjdump: str) -> list[list[str]]:
     usage = subprocess.run([cuobjdump, "-res-usage", str(binary)], check=True, capture_output=True, text=True).stdout
     printed = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
     shared = {line.split()[0]: int(line.split()[1]) for line in printed.splitlines()}
-  functions, resources = count_instructions(sass), _resources(usage)
+  code, resources = parse_sass(sass), _resources(usage)
+  functions = count_instructions(sass)
   rows = []
   for family in FAMILIES:
     tag = f"{len(family)}{family}"  # as the Itanium ABI mangles the type's name
-    block = functions[_function(functions, "SassProbe", tag + "ELb1")]
+    walk = _function(functions, "SassProbe", tag + "ELb1")
     empty = functions[_function(functions, "SassProbe", tag + "ELb0")]  # the table copy, the exit
-    units = _unit_counts(block - empty)
+    static = sum((functions[walk] - empty).values())
+    units = _unit_counts(common_path_of_loop(code[walk]))
     kernel = _function(resources, "UpdateKernel", tag + "ELi0Ef")
     total = sum(units.values())
-    rows.append([family.lower(), f"{total / ELEMENTS_PER_LANE:.1f}",
+    rows.append([family.lower(), f"{total / ELEMENTS_PER_LANE:.1f}", f"{static / ELEMENTS_PER_LANE:.1f}",
                  *(f"{units[name] / ELEMENTS_PER_LANE:.1f}" for name in ("fp32", "int", "memory", "mufu", "other")),
                  str(resources[kernel]["REG"]), str(resources[kernel]["LOCAL"]),
                  f"{shared[family] / 1024:.1f} KiB"])
@@ -189,8 +230,8 @@ def main(argv: list[str] | None = None) -> None:
   rows = measure(args.arch, nvcc, cuobjdump)
   print(f"optax8 CUDA kernel, {args.arch}, float32 gradients, no flags: SASS instructions per element of a "
         "256-element block")
-  print(common.format_table(["family", "instr/elem", "fp32", "int", "memory", "mufu", "other", "regs", "local",
-                             "shared"], rows))
+  print(common.format_table(["family", "instr/elem", "static", "fp32", "int", "memory", "mufu", "other", "regs",
+                             "local", "shared"], rows))
 
 
 if __name__ == "__main__":

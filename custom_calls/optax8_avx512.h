@@ -122,7 +122,7 @@ struct Avx512 {
     for (; j < n; ++j) values[j] = entries[codes[j]];
   }
 
-  // Encode<kSigned> of sixteen values, stored as sixteen bytes.
+  // Encode<kSigned> of sixteen values (EncodeSum's operations per lane), stored as sixteen bytes.
   template <bool kSigned>
   OPTAX8_HD static void Encode(Vec x, uint8_t* codes) {
     const auto& table = EncodeTableFor<kSigned>();
@@ -130,20 +130,14 @@ struct Avx512 {
     constexpr int kSubBits = 23 - Table::kKeyBits;
     const __m512i bits = _mm512_castps_si512(x.v);
     const __m512i sign = _mm512_srai_epi32(bits, 31);
-    __m512i row_sub = _mm512_srli_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)), Table::kKeyBits);
-    row_sub = _mm512_sub_epi32(row_sub, _mm512_set1_epi32((kMinExponent - 1) << kSubBits));
-    row_sub = _mm512_min_epi32(_mm512_max_epi32(row_sub, _mm512_setzero_si512()),
-                               _mm512_set1_epi32((kRows << kSubBits) - 1));
+    const __m512i bucket = _mm512_srli_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)), Table::kKeyBits);
+    const __m512i floor = kSigned ? _mm512_setzero_si512() : _mm512_min_epi32(bucket, _mm512_set1_epi32(1));
+    __m512i row_sub = _mm512_sub_epi32(bucket, _mm512_set1_epi32((kMinExponent - 1) << kSubBits));
+    row_sub = _mm512_min_epi32(_mm512_max_epi32(row_sub, floor), _mm512_set1_epi32((kRows << kSubBits) - 1));
     const __m512i index = _mm512_or_si512(row_sub, _mm512_and_si512(sign, _mm512_set1_epi32(kRows << kSubBits)));
     const __m512i entry = _mm512_i32gather_epi32(index, table.entry, 4);
     const __m512i position = _mm512_and_si512(_mm512_xor_si512(bits, sign), _mm512_set1_epi32(Table::kKeyMask));
-    const __mmask16 above = _mm512_cmpgt_epi32_mask(position, _mm512_and_si512(entry, _mm512_set1_epi32(0xFFFFFF)));
-    __m512i code = _mm512_srli_epi32(entry, 24);
-    code = _mm512_mask_add_epi32(code, above, code, _mm512_set1_epi32(1));
-    if constexpr (!kSigned) {  // a positive x is never code 0 (see Encode)
-      code = _mm512_max_epi32(code, _mm512_maskz_mov_epi32(_mm512_cmpgt_epi32_mask(bits, _mm512_setzero_si512()),
-                                                           _mm512_set1_epi32(1)));
-    }
+    const __m512i code = _mm512_srli_epi32(_mm512_add_epi32(entry, position), 24);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(code));
   }
 

@@ -76,25 +76,56 @@ __device__ __forceinline__ float DecodeMoment(int k, uint32_t code, float absmax
   return (kSignedMaskOf<F> >> k) & 1u ? Decode<true>(code, absmax) : Decode<false>(code, absmax);
 }
 
-template <class F>
-__device__ __forceinline__ uint32_t EncodeMoment(int k, float x) {
-  return (kSignedMaskOf<F> >> k) & 1u ? Encode<true>(x) : Encode<false>(x);
-}
-
-// The new moments of a lane's elements of one chunk: lane + kWarp * i for i < kItems.
+// The new moments of a lane's elements of one chunk, element i being ItemIndex<kContiguous>(lane, i).
 template <int K>
 struct Chunk {
   float moments[K][kItems];
 };
 
+// Where a lane's kItems elements of a chunk lie: contiguous (lane * kItems + i, so that they load
+// and store as 16- and 8-byte vectors: the block is one whole chunk, aligned so), or strided
+// (lane + kWarp * i, for blocks of any length). The per-element arithmetic is the same.
+template <bool kContiguous>
+__device__ __forceinline__ int ItemIndex(int lane, int i) {
+  return kContiguous ? lane * kItems + i : lane + kWarp * i;
+}
+
+// kItems contiguous elements of T (16-byte aligned) as floats, and back.
+template <class T>
+__device__ __forceinline__ void LoadItems(const T* p, float (&x)[kItems]) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+  } else {
+    const uint4 w = *reinterpret_cast<const uint4*>(p);
+    const T* h = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) x[i] = ToFloat(h[i]);
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void StoreItems(T* p, const float (&x)[kItems]) {
+  if constexpr (std::is_same_v<T, float>) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(x[0], x[1], x[2], x[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(x[4], x[5], x[6], x[7]);
+  } else {
+    uint4 w;
+    T* h = reinterpret_cast<T*>(&w);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) h[i] = FromFloat<T>(x[i]);
+    *reinterpret_cast<uint4*>(p) = w;
+  }
+}
+
 // Steps the lane's elements of [start, start + n), n <= kChunk, with GuardedStep (as the CPU
 // kernel); elements whose gradient is not zero set `touched`. Stores the update when kStore (it
 // needs no absmax, so it leaves the registers at once). Elements at or past n compute on zeros
-// and are never stored.
+// and are never stored (kContiguous: n is kChunk).
 // Under the fused apply step (kApply in kFlags: job.param) the gradient is clipped first and the
 // new parameter stored in place of the update. A template flag, so that the update's kernels carry
 // none of its code.
-template <class F, int kFlags, class T, bool kStore>
+template <class F, int kFlags, class T, bool kStore, bool kContiguous>
 __device__ __forceinline__ void StepChunk(const Job& job, int64_t start, int n, int lane,
                                           const float (&absmax)[F::kMoments], const typename F::Consts& consts,
                                           const ApplyScalars& apply, Chunk<F::kMoments>& out, bool& touched) {
@@ -105,51 +136,91 @@ __device__ __forceinline__ void StepChunk(const Job& job, int64_t start, int n, 
   constexpr bool kApplies = (kFlags & kApply) != 0;
   const bool clips = kApplies && apply.Clips();  // the same for the whole grid
   float grad[kItems];
+  float param[kItems];
   uint32_t codes[K][kItems];
   // Every load first, so that all of them are in flight together.
+  if constexpr (kContiguous) {
+    LoadItems(g + lane * kItems, grad);
+    if constexpr (kApplies && kStore) LoadItems(p + lane * kItems, param);
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int j = i * kWarp + lane;
-    const bool valid = j < n;
-    grad[i] = valid ? ToFloat(g[j]) : 0.0f;
+    for (int k = 0; k < K; ++k) {
+      const uint2 w = *reinterpret_cast<const uint2*>(job.moments[k].codes + start + lane * kItems);
 #pragma unroll
-    for (int k = 0; k < K; ++k) codes[k][i] = valid ? job.moments[k].codes[start + j] : 0u;
+      for (int i = 0; i < kItems; ++i) codes[k][i] = __byte_perm(i < 4 ? w.x : w.y, 0, 0x4440 | (i % 4));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int j = ItemIndex<false>(lane, i);
+      const bool valid = j < n;
+      grad[i] = valid ? ToFloat(g[j]) : 0.0f;
+#pragma unroll
+      for (int k = 0; k < K; ++k) codes[k][i] = valid ? job.moments[k].codes[start + j] : 0u;
+    }
   }
+  float update[kItems];
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
-    if (i * kWarp >= n) break;  // the same for the whole warp
+    if (!kContiguous && i * kWarp >= n) break;  // the same for the whole warp
     float m[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) m[k] = DecodeMoment<F>(k, codes[k][i], absmax[k]);
-    const float update = GuardedStep<F, kFlags>(clips ? ClipGradient(grad[i], apply) : grad[i], m, consts, touched);
-    // In place when the update aliases the gradient: every element was read above; the
-    // parameter's element is read just before its new value overwrites it.
-    const int j = i * kWarp + lane;
-    if (kStore && j < n) u[j] = FromFloat<T>(kApplies ? AppliedParameter(ToFloat(p[j]), update, apply) : update);
+    update[i] = GuardedStep<F, kFlags>(clips ? ClipGradient(grad[i], apply) : grad[i], m, consts, touched);
 #pragma unroll
     for (int k = 0; k < K; ++k) out.moments[k][i] = m[k];
+    if constexpr (!kContiguous && kStore) {
+      // In place when the update aliases the gradient: every element was read above; the
+      // parameter's element is read just before its new value overwrites it.
+      const int j = ItemIndex<false>(lane, i);
+      if (j < n) u[j] = FromFloat<T>(kApplies ? AppliedParameter(ToFloat(p[j]), update[i], apply) : update[i]);
+    }
+  }
+  if constexpr (kContiguous && kStore) {
+    if constexpr (kApplies) {
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) update[i] = AppliedParameter(param[i], update[i], apply);
+    }
+    StoreItems(u + lane * kItems, update);
   }
 }
 
-// The running peak claim (ClaimBits) of the lane's elements below n.
-template <class F>
+// A block's peak claims (ClaimBits) as floats: per signed moment the largest value and the
+// smallest (whose magnitude, stretched, is the negatives' claim), per unsigned moment the
+// largest magnitude. Monotone rounding makes the stretch of the smallest the largest stretched
+// claim, and for the non-negative finite claims the float order is their bits' order.
+template <int K>
+struct Peaks {
+  float high[K], low[K];
+};
+
+template <class F, bool kContiguous>
 __device__ __forceinline__ void AccumulatePeak(const Chunk<F::kMoments>& chunk, int n, int lane,
-                                               uint32_t (&peak)[F::kMoments]) {
+                                               Peaks<F::kMoments>& peaks) {
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
-    if (i * kWarp + lane >= n) break;
+    if (!kContiguous && ItemIndex<false>(lane, i) >= n) break;
 #pragma unroll
     for (int k = 0; k < F::kMoments; ++k) {
       const float x = chunk.moments[k][i];
-      peak[k] = max(peak[k], (kSignedMaskOf<F> >> k) & 1u ? ClaimBits<true>(x) : ClaimBits<false>(x));
+      if ((kSignedMaskOf<F> >> k) & 1u) {
+        peaks.high[k] = fmaxf(peaks.high[k], x);
+        peaks.low[k] = fminf(peaks.low[k], x);
+      } else {
+        peaks.high[k] = fmaxf(peaks.high[k], fabsf(x));
+      }
     }
   }
 }
 
-template <int K>
-__device__ __forceinline__ void WarpMax(uint32_t (&peak)[K]) {
+// The block's peak claim bits per moment, over the warp.
+template <class F>
+__device__ __forceinline__ void WarpPeak(const Peaks<F::kMoments>& peaks, uint32_t (&peak)[F::kMoments]) {
 #pragma unroll
-  for (int k = 0; k < K; ++k) peak[k] = __reduce_max_sync(0xFFFFFFFFu, peak[k]);
+  for (int k = 0; k < F::kMoments; ++k) {
+    float claim = fabsf(peaks.high[k]);
+    if ((kSignedMaskOf<F> >> k) & 1u) claim = fmaxf(claim, fabsf(peaks.low[k]) * kNegativeStretch);
+    peak[k] = __reduce_max_sync(0xFFFFFFFFu, __float_as_uint(claim));
+  }
 }
 
 // Copies the codes of the lane's elements below n where the update does not run in place.
@@ -162,66 +233,92 @@ __device__ __forceinline__ void KeepCodes(const Job& job, int64_t start, int n, 
   }
 }
 
-// Stores the new codes of the lane's elements below n, given the block's peaks.
-template <class F>
+// As quantize_blockwise: each moment's codes encode its values times 1 / absmax (times 1 for an
+// all-zero block). With several moments, lane k computes moment k's reciprocal and the warp
+// shares them, so that the kernel holds one reciprocal's code, not one per moment.
+template <int K>
+__device__ __forceinline__ void BlockScales(const uint32_t (&peak)[K], int lane, float (&scale)[K]) {
+  uint32_t mine = peak[0];
+#pragma unroll
+  for (int k = 1; k < K; ++k) mine = lane == k ? peak[k] : mine;
+  const float absmax = AbsmaxOfPeak(mine);
+  const float reciprocal = 1.0f / (absmax == 0.0f ? 1.0f : absmax);
+#pragma unroll
+  for (int k = 0; k < K; ++k) scale[k] = K == 1 ? reciprocal : __shfl_sync(0xFFFFFFFFu, reciprocal, k);
+}
+
+// Stores the new codes of the lane's elements below n, given the block's peaks: contiguous ones
+// as one 8-byte word per moment, packed from EncodeSum's top bytes.
+template <class F, bool kContiguous>
 __device__ __forceinline__ void StoreCodes(const Job& job, int64_t start, int n, int lane,
                                            const Chunk<F::kMoments>& chunk, const uint32_t (&peak)[F::kMoments]) {
   constexpr int K = F::kMoments;
   float scale[K];
+  BlockScales(peak, lane, scale);
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    // As quantize_blockwise: times 1 / absmax, with 1 for an all-zero block.
-    const float absmax = AbsmaxOfPeak(peak[k]);
-    scale[k] = 1.0f / (absmax == 0.0f ? 1.0f : absmax);
-  }
+    uint32_t sum[kItems];
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int j = i * kWarp + lane;
-    if (j >= n) break;
+    for (int i = 0; i < kItems; ++i) {
+      const float x = chunk.moments[k][i] * scale[k];
+      sum[i] = (kSignedMaskOf<F> >> k) & 1u ? EncodeSum<true>(x, EncodeTableFor<true>())
+                                             : EncodeSum<false>(x, EncodeTableFor<false>());
+    }
+    uint8_t* codes = job.moments[k].new_codes + start;
+    if constexpr (kContiguous) {
+      // Byte 3 of each sum, four to a word.
+      const uint32_t low = __byte_perm(__byte_perm(sum[0], sum[1], 0x7373), __byte_perm(sum[2], sum[3], 0x7373), 0x5410);
+      const uint32_t high = __byte_perm(__byte_perm(sum[4], sum[5], 0x7373), __byte_perm(sum[6], sum[7], 0x7373), 0x5410);
+      *reinterpret_cast<uint2*>(codes + lane * kItems) = make_uint2(low, high);
+    } else {
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      job.moments[k].new_codes[start + j] = static_cast<uint8_t>(EncodeMoment<F>(k, chunk.moments[k][i] * scale[k]));
+      for (int i = 0; i < kItems; ++i) {
+        const int j = ItemIndex<false>(lane, i);
+        if (j < n) codes[j] = static_cast<uint8_t>(sum[i] >> 24);
+      }
     }
   }
 }
 
-// Updates the quantization block `block`: its n elements start at `offset`.
-template <class F, int kFlags, class T>
+// Updates the quantization block `block`: its n elements start at `offset` (kContiguous: n is
+// kChunk, and offset a multiple of kItems).
+template <class F, int kFlags, class T, bool kContiguous>
 __device__ __forceinline__ void UpdateBlock(const Job& job, int64_t block, int64_t offset, int64_t n, int lane,
                                             const typename F::Consts& consts, const ApplyScalars& apply) {
   constexpr int K = F::kMoments;
   float absmax[K];
-  uint32_t peak[K];
+  Peaks<K> peaks;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     absmax[k] = job.moments[k].absmax[block];
-    peak[k] = 0;
+    peaks.high[k] = peaks.low[k] = 0.0f;
   }
+  uint32_t peak[K];
   Chunk<K> chunk;
   // Whether the block's state changes: under kSkipZeros, only where a gradient element is not zero.
   constexpr bool kSkip = (kFlags & kSkipZeros) != 0;
   bool touched = false;
   bool block_touched = !kSkip;
-  if (n > kChunk) {
+  if (!kContiguous && n > kChunk) {
     // Longer than a chunk: the peak first, then each chunk again to store it.
     for (int64_t base = 0; base < n; base += kChunk) {
       const int m = static_cast<int>(min(static_cast<int64_t>(kChunk), n - base));
-      StepChunk<F, kFlags, T, false>(job, offset + base, m, lane, absmax, consts, apply, chunk, touched);
-      AccumulatePeak<F>(chunk, m, lane, peak);
+      StepChunk<F, kFlags, T, false, false>(job, offset + base, m, lane, absmax, consts, apply, chunk, touched);
+      AccumulatePeak<F, false>(chunk, m, lane, peaks);
     }
-    WarpMax(peak);
+    WarpPeak<F>(peaks, peak);
     if (kSkip) block_touched = __any_sync(0xFFFFFFFFu, touched);
   }
   for (int64_t base = 0; base < n; base += kChunk) {
     const int m = static_cast<int>(min(static_cast<int64_t>(kChunk), n - base));
-    StepChunk<F, kFlags, T, true>(job, offset + base, m, lane, absmax, consts, apply, chunk, touched);
-    if (n <= kChunk) {
-      AccumulatePeak<F>(chunk, m, lane, peak);
-      WarpMax(peak);
+    StepChunk<F, kFlags, T, true, kContiguous>(job, offset + base, m, lane, absmax, consts, apply, chunk, touched);
+    if (kContiguous || n <= kChunk) {
+      AccumulatePeak<F, kContiguous>(chunk, m, lane, peaks);
+      WarpPeak<F>(peaks, peak);
       if (kSkip) block_touched = __any_sync(0xFFFFFFFFu, touched);
     }
     if (block_touched) {
-      StoreCodes<F>(job, offset + base, m, lane, chunk, peak);
+      StoreCodes<F, kContiguous>(job, offset + base, m, lane, chunk, peak);
     } else {
       KeepCodes<K>(job, offset + base, m, lane);
     }
@@ -243,38 +340,81 @@ __device__ __forceinline__ void LoadSharedTables() {
   __syncthreads();
 }
 
+// What the block walk needs beyond the Job, from the host: the divisions by per-call constants
+// as multiplications, and whether every buffer is aligned for the contiguous path.
+struct Walk {
+  Divisor by_row_blocks, by_rows_per_group;
+  bool aligned;
+};
+
+// What a hyperparameter group's blocks share: the family's constants and the apply step's
+// scalars.
+template <class F>
+struct Group {
+  typename F::Consts consts;
+  ApplyScalars apply;
+};
+
+// Group `group`'s. Out of line: the walk changes group rarely (once per warp where all rows
+// share one hp vector), and the reciprocals' slow paths stay out of the blocks' code.
+template <class F, int kFlags>
+__device__ __noinline__ Group<F> PrepareGroup(const Job& job, uint32_t group) {
+  const float* hp = job.hp + static_cast<int64_t>(group) * job.hp_stride;
+  Group<F> prepared{F::Prepare(hp), {}};
+  if constexpr ((kFlags & kApply) != 0) prepared.apply = ApplyScalars::Of(hp + F::kNumScalars);
+  return prepared;
+}
+
 // Walks each warp's quantization blocks (the grid takes them in turn; no thread block
-// synchronises in here); block_length(column) is the length of a block starting at `column`.
-template <class F, int kFlags, class T, class BlockLength>
-__device__ __forceinline__ void WalkBlocks(const Job& job, BlockLength block_length) {
+// synchronises in here) with 32-bit block numbers (the host checks that they fit);
+// shape(offset, column) is the length of the block starting at element `offset`, column
+// `column`, and whether it takes the contiguous path.
+template <class F, int kFlags, class T, class BlockShape>
+__device__ __forceinline__ void WalkBlocks(const Job& job, const Walk& walk, BlockShape shape) {
   const int lane = threadIdx.x % kWarp;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  int64_t group = -1;
-  typename F::Consts consts{};
-  ApplyScalars apply{};
-  for (int64_t block = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-       block < job.total_blocks; block += warps) {
-    const int64_t row = block / job.row_blocks;
-    const int64_t column = (block - row * job.row_blocks) * job.block_size;
-    if (row / job.rows_per_group != group) {
-      group = row / job.rows_per_group;
-      const float* hp = job.hp + group * job.hp_stride;
-      consts = F::Prepare(hp);
-      if constexpr ((kFlags & kApply) != 0) apply = ApplyScalars::Of(hp + F::kNumScalars);
+  const uint32_t warps = gridDim.x * kWarpsPerBlock;
+  const uint32_t total = static_cast<uint32_t>(job.total_blocks);
+  const uint32_t row_blocks = static_cast<uint32_t>(job.row_blocks);
+  uint32_t group = ~0u;
+  Group<F> prepared{};
+  for (uint32_t block = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp; block < total; block += warps) {
+    const uint32_t row = walk.by_row_blocks.Divide(block);
+    const int64_t column = static_cast<int64_t>(block - row * row_blocks) * job.block_size;
+    const uint32_t row_group = walk.by_rows_per_group.Divide(row);
+    if (row_group != group) {
+      group = row_group;
+      prepared = PrepareGroup<F, kFlags>(job, group);
     }
-    UpdateBlock<F, kFlags, T>(job, block, row * job.row_length + column, block_length(column), lane, consts, apply);
+    const int64_t offset = static_cast<int64_t>(row) * job.row_length + column;
+    const auto [n, contiguous] = shape(offset, column);
+    if (contiguous) {
+      UpdateBlock<F, kFlags, T, true>(job, block, offset, kChunk, lane, prepared.consts, prepared.apply);
+    } else {
+      UpdateBlock<F, kFlags, T, false>(job, block, offset, n, lane, prepared.consts, prepared.apply);
+    }
   }
 }
+
+struct BlockShape {
+  int64_t length;
+  bool contiguous;
+};
 
 // Registers bound the thread blocks per multiprocessor (the tables allow 4 on sm_90, 3 on
 // sm_80); 3 (2 with three moments) leave enough registers to hold a chunk with little spilling.
 template <class F, int kFlags, class T>
-__global__ void __launch_bounds__(kThreads, F::kMoments > 2 ? 2 : 3) UpdateKernel(const Job job) {
+__global__ void __launch_bounds__(kThreads, F::kMoments > 2 ? 2 : 3) UpdateKernel(const Job job, const Walk walk) {
   LoadSharedTables<F>();
-  WalkBlocks<F, kFlags, T>(job, [&](int64_t column) { return min(job.block_size, job.row_length - column); });
+  WalkBlocks<F, kFlags, T>(job, walk, [&](int64_t offset, int64_t column) {
+    const int64_t n = min(job.block_size, job.row_length - column);
+    return BlockShape{n, walk.aligned && n == kChunk && offset % kItems == 0};
+  });
 }
 
 using LaunchFn = cudaError_t (*)(cudaStream_t, const Job&);
+
+// Whether p is a multiple of `bytes` apart from the null pointer.
+bool AlignedTo(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 template <class F, int kFlags, class T>
 cudaError_t Launch(cudaStream_t stream, const Job& job) {
@@ -296,9 +436,17 @@ cudaError_t Launch(cudaStream_t stream, const Job& job) {
                ? std::max(blocks, 1)
                : 1;
   }();
+  // The contiguous path loads and stores 16 bytes of gradient, update and parameter and 8 bytes
+  // of codes at a time.
+  bool aligned = AlignedTo(job.g, 16) && AlignedTo(job.update, 16) && AlignedTo(job.param, 16);
+  for (int k = 0; k < F::kMoments; ++k) {
+    aligned = aligned && AlignedTo(job.moments[k].codes, kItems) && AlignedTo(job.moments[k].new_codes, kItems);
+  }
+  const Walk walk{Divisor::Of(static_cast<uint32_t>(job.row_blocks)),
+                  Divisor::Of(static_cast<uint32_t>(job.rows_per_group)), aligned};
   const int64_t needed = (job.total_blocks + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const int64_t grid = std::min<int64_t>(needed, static_cast<int64_t>(resident) * processors);
-  kernel<<<static_cast<unsigned>(grid), kThreads, kShared, stream>>>(job);
+  kernel<<<static_cast<unsigned>(grid), kThreads, kShared, stream>>>(job, walk);
   return cudaGetLastError();
 }
 
@@ -319,6 +467,9 @@ ffi::Error UpdateImpl(cudaStream_t stream, ffi::AnyBuffer g, ffi::Buffer<ffi::F3
   ffi::Error checked = PrepareJob(g, hp, state, update, new_state, family, block_size, flags, signed_mask, &job);
   if (checked.failure()) return checked;
   if (job.total_blocks == 0) return ffi::Error::Success();
+  if (job.total_blocks > Divisor::kMaxDividend) {
+    return ffi::Error::InvalidArgument("optax8: a tensor of more than 2^31 quantization blocks; use a larger block_size");
+  }
 
   const Launchers* launchers = nullptr;
   VisitFamily(job.family, [&](auto family_tag) {

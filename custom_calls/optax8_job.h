@@ -6,7 +6,37 @@
 
 #include <cstdint>
 
+// Host and device code alike include the kernels' headers (the CPU units, the CUDA kernel).
+#if defined(__CUDACC__)
+#define OPTAX8_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define OPTAX8_HD inline __attribute__((always_inline))
+#else
+#define OPTAX8_HD inline
+#endif
+
 namespace optax8 {
+
+// n / d for a per-call constant d and 0 <= n <= kMaxDividend, as a multiplication and shifts:
+// with l = ceil(log2 d) and m = ceil(2^(31 + l) / d) (which fits in 32 bits), n * m / 2^(31 + l)
+// exceeds n / d by n * (m * d - 2^(31 + l)) / (d * 2^(31 + l)) < 1 / d, so its floor is n / d's
+// (Granlund and Montgomery). The CUDA block walk divides block numbers so; the high half of
+// (2n) * m is one instruction there.
+struct Divisor {
+  static constexpr uint32_t kMaxDividend = 0x7FFFFFFFu;
+  uint32_t multiplier;
+  uint32_t log2;  // l
+
+  // d >= 1.
+  static constexpr Divisor Of(uint32_t d) {
+    uint32_t l = 0;
+    while ((uint64_t{1} << l) < d) ++l;
+    return {static_cast<uint32_t>(((uint64_t{1} << (31 + l)) + d - 1) / d), l};
+  }
+  OPTAX8_HD constexpr uint32_t Divide(uint32_t n) const {
+    return static_cast<uint32_t>((static_cast<uint64_t>(n << 1) * multiplier) >> 32) >> log2;
+  }
+};
 
 constexpr int kMaxMoments = 3;
 // The CPU block walk's scratch per thread: this many blocks of floats (gradient, update, moments).

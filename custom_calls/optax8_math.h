@@ -16,13 +16,8 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__CUDACC__)
-#define OPTAX8_HD __host__ __device__ __forceinline__
-#elif defined(__GNUC__)
-#define OPTAX8_HD inline __attribute__((always_inline))
-#else
-#define OPTAX8_HD inline
-#endif
+#include "optax8_job.h"
+
 
 // The CPU library compiles this header once per instruction set (optax8_cpu_<isa>.cc, each
 // defining OPTAX8_ISA as the set's name), in an inline namespace of that name, so that the
@@ -203,17 +198,23 @@ static_assert(SignedMapSignsAreOrdered(), "the signed map must hold negatives, t
 
 // Encoding without a search. A float's sign, exponent and top kSubBits mantissa bits select a
 // bucket: a contiguous range of floats holding at most one threshold. Each bucket's entry is
-//   code of the bucket's lowest float << 24 | position of its threshold in the bucket,
-// so code(x) = base + (x's position > the threshold's position): one load, one compare.
-// Rows (per sign): 0 = |x| < 2^-23 (below every threshold, zeros included), 1..24 = the
-// binades [2^-23, 2^1), 25..31 = larger and NaN (jnp.searchsorted sorts NaN above every
-// threshold; |x| <= 1 otherwise). 32 rows make the sign a single index bit.
+//   (code of the bucket's lowest float << 24) + (0xFFFFFF - position of its threshold in the bucket),
+// so that code(x) = (entry + x's position) >> 24: one load, one add, one shift, as the
+// position is below 2^24 (a bucket without a threshold stores position kKeyMask, which no x's
+// position exceeds). Rows (per sign): 0 = |x| < 2^-23 (below every threshold, zeros included),
+// 1..24 = the binades [2^-23, 2^1), 25..31 = larger and NaN (jnp.searchsorted sorts NaN above
+// every threshold). 32 rows make the sign a single index bit; |x| < 2 never reaches past row 24.
 //
 // bitsandbytes' sign fix for the signed map (a code whose value has the other sign than x moves
 // one step towards x's sign) is folded into the entries: given the map's sign layout it only
-// ever moves a negative x (or -0) that counted 127 or more thresholds down by one.
+// ever moves a negative x (or -0) that counted 127 or more thresholds down by one. So is the
+// unsigned map's floor, a positive x never encoding as code 0: every positive bucket whose code
+// would be 0 has code 1, except where +0 lies. Encode sends x to row 0's sub-bucket 0 only when
+// its bits' index is 0 (+0 and the smallest subnormals), and the threshold there lies at
+// position 0, so +0 keeps code 0.
 inline constexpr int kMinExponent = 104;  // biased exponent of 2^-23
 inline constexpr int kRows = 32;
+inline constexpr int kRowsBelowTwo = 127 - kMinExponent + 2;  // rows 0..24: every |x| < 2
 
 template <int kSubBits>
 struct EncodeTable {
@@ -224,7 +225,7 @@ struct EncodeTable {
 };
 
 template <int kSubBits>
-constexpr EncodeTable<kSubBits> MakeEncodeTable(const Thresholds& th, bool sign_fix) {
+constexpr EncodeTable<kSubBits> MakeEncodeTable(const Thresholds& th, bool sign_fix, bool positive_floor) {
   using Table = EncodeTable<kSubBits>;
   Table table{};
   table.exact = true;
@@ -243,7 +244,7 @@ constexpr EncodeTable<kSubBits> MakeEncodeTable(const Thresholds& th, bool sign_
       for (uint32_t sub = 0; sub < (1u << kSubBits); ++sub) {
         uint32_t base = row == 0 ? below_zero : 255u;
         uint32_t position = kNone;
-        if (row > 0 && row <= 127 - kMinExponent + 1) {
+        if (row > 0 && row < kRowsBelowTwo) {
           const uint32_t prefix = (sign << 31) | (static_cast<uint32_t>(kMinExponent + row - 1) << 23) |
                                   (sub << Table::kKeyBits);
           // The bucket's lowest value: its largest magnitude when negative.
@@ -261,8 +262,14 @@ constexpr EncodeTable<kSubBits> MakeEncodeTable(const Thresholds& th, bool sign_
           base = base == 255 ? 254 : kSignedZeroCode - 1;
           position = kNone;
         }
+        if (positive_floor && sign == 0 && base == 0) {
+          // Code 1 for the whole bucket (its codes are 0 and 1, or 0), but +0's.
+          const bool zero = row == 0 && sub == 0;
+          base = zero ? 0 : 1;
+          position = zero ? 0 : kNone;
+        }
         const uint32_t index = ((sign * kRows + static_cast<uint32_t>(row)) << kSubBits) | sub;
-        table.entry[index] = static_cast<int32_t>((base << 24) | position);
+        table.entry[index] = static_cast<int32_t>((base << 24) + (0xFFFFFFu - position));
       }
     }
   }
@@ -270,8 +277,8 @@ constexpr EncodeTable<kSubBits> MakeEncodeTable(const Thresholds& th, bool sign_
 }
 
 // Six sub-bits suffice for the signed map's spacing, seven for the unsigned map's.
-inline constexpr EncodeTable<6> kSignedEncode = MakeEncodeTable<6>(kSignedThresholds, true);
-inline constexpr EncodeTable<7> kUnsignedEncode = MakeEncodeTable<7>(kUnsignedThresholds, false);
+inline constexpr EncodeTable<6> kSignedEncode = MakeEncodeTable<6>(kSignedThresholds, true, false);
+inline constexpr EncodeTable<7> kUnsignedEncode = MakeEncodeTable<7>(kUnsignedThresholds, false, true);
 static_assert(kSignedEncode.exact && kUnsignedEncode.exact, "a bucket holds two thresholds");
 
 OPTAX8_HD uint32_t FloatToBits(float x) {
@@ -346,26 +353,35 @@ OPTAX8_HD const auto& EncodeTableFor() {
 // counterpart: a positive x never encodes as zero (code 0), but as the smallest positive entry.
 // The unsigned map holds non-negative states (second moments, squared-gradient sums), which
 // divide updates: one that rounded to zero next to a non-zero first moment or gradient would
-// make a step up to 1/eps too large. Exact for every float in [-1, 1] and NaN. Signed 32-bit
-// arithmetic throughout, which vectorizes best.
+// make a step up to 1/eps too large. Exact for every float of magnitude below 2, and NaN.
+//
+// EncodeSum returns (entry + position), whose top byte is the code, so that a kernel packing
+// codes with byte permutes needs no shift. kBelowTwo: the caller knows |x| < 2 (a block whose
+// 1 / absmax is finite), which spares the clamp to the last row. Signed 32-bit arithmetic
+// throughout, which vectorizes best; the SIMD encoders do the same operations per lane.
+template <bool kSigned, bool kBelowTwo = false, class Table>
+OPTAX8_HD uint32_t EncodeSum(float x, const Table& table) {
+  constexpr int kSubBits = 23 - Table::kKeyBits;
+  const int32_t bits = static_cast<int32_t>(FloatToBits(x));
+  const int32_t bucket = (bits & 0x7FFFFFFF) >> Table::kKeyBits;
+  // Row 0 of the unsigned map: sub-bucket 0 for bucket 0 alone (+0 is there), 1 for other tiny x.
+  const int32_t floor = kSigned ? 0 : (bucket < 1 ? bucket : 1);
+  int32_t row_sub = bucket - ((kMinExponent - 1) << kSubBits);
+  row_sub = row_sub < floor ? floor : row_sub;
+  if constexpr (!kBelowTwo) {
+    constexpr int32_t kLastRowSub = (kRows << kSubBits) - 1;
+    row_sub = row_sub > kLastRowSub ? kLastRowSub : row_sub;
+  }
+  const int32_t sign = bits >> 31;
+  const int32_t entry = table.entry[row_sub | (sign & (kRows << kSubBits))];
+  // Position within the bucket in value order: negative floats order by decreasing magnitude.
+  const int32_t position = (bits ^ sign) & Table::kKeyMask;
+  return static_cast<uint32_t>(entry) + static_cast<uint32_t>(position);
+}
+
 template <bool kSigned>
 OPTAX8_HD uint32_t Encode(float x) {
-  const auto& table = EncodeTableFor<kSigned>();
-  using Table = std::remove_cv_t<std::remove_reference_t<decltype(table)>>;
-  constexpr int kSubBits = 23 - Table::kKeyBits;
-  constexpr int32_t kLastRowSub = (kRows << kSubBits) - 1;
-  const int32_t bits = static_cast<int32_t>(FloatToBits(x));
-  int32_t row_sub = ((bits & 0x7FFFFFFF) >> Table::kKeyBits) - ((kMinExponent - 1) << kSubBits);
-  row_sub = row_sub < 0 ? 0 : (row_sub > kLastRowSub ? kLastRowSub : row_sub);
-  const int32_t entry = table.entry[row_sub | ((bits >> 31) & (kRows << kSubBits))];
-  // Position within the bucket in value order: negative floats order by decreasing magnitude.
-  const int32_t position = (bits ^ (bits >> 31)) & Table::kKeyMask;
-  const uint32_t code = (static_cast<uint32_t>(entry) >> 24) + (position > (entry & 0xFFFFFF) ? 1u : 0u);
-  if constexpr (kSigned) {
-    return code;
-  } else {
-    return code | (code == 0 && bits > 0 ? 1u : 0u);  // bits > 0: positive, +0 excluded
-  }
+  return EncodeSum<kSigned>(x, EncodeTableFor<kSigned>()) >> 24;
 }
 
 template <bool kSigned>
@@ -602,29 +618,38 @@ constexpr uint32_t SignedMaskOf() {
 // The scalar forms of what GuardedStep needs; vector types overload them (optax8_avx2.h, ...).
 // Finiteness is a bit mask, all ones for a finite x, and masking clears bits, so that scalar
 // loops stay free of branches and the compiler vectorizes them.
+// Device code keeps them as predicates instead, which chain: one comparison per check.
+#if defined(__CUDA_ARCH__)
+OPTAX8_HD bool Finite(float x) { return fabsf(x) < INFINITY; }
+OPTAX8_HD float Masked(float x, bool keep) { return keep ? x : 0.0f; }
+#else
 OPTAX8_HD uint32_t Finite(float x) { return (FloatToBits(x) & 0x7F800000u) != 0x7F800000u ? ~0u : 0u; }
-OPTAX8_HD bool NonZero(float x) { return !(x == 0.0f); }  // NaN too
 OPTAX8_HD float Masked(float x, uint32_t keep) { return BitsToFloat(FloatToBits(x) & keep); }
+#endif
+OPTAX8_HD bool NonZero(float x) { return !(x == 0.0f); }  // NaN too
 
 // One element's step (or one vector's, V), with every path's policy for what is not finite: a
-// non-finite gradient element counts as 0, and it, or a moment that the step makes non-finite,
-// resets the element's moments to +0 and gives it a zero update. Under kSkipZeros an element
-// whose gradient is exactly zero keeps its moments and gets a zero update; the others mark
+// non-finite gradient element, or a moment that the step makes non-finite, resets the
+// element's moments to +0 and gives it a zero update. The gradient needs no check of its own:
+// every family's every new moment adds a multiple of g (or of g * g), and c * inf or c * NaN is
+// never finite, not even for c = 0, so a non-finite g makes every new moment non-finite
+// (tests/test_native.py checks the resets for each family). Under kSkipZeros an element whose
+// gradient is exactly zero keeps its moments and gets a zero update; the others mark
 // `touched`. m holds the decoded moments and receives the new ones.
 template <class F, int kFlags, class V, class M>
 OPTAX8_HD V GuardedStep(V g, V (&m)[F::kMoments], const typename F::Consts& consts, M& touched) {
   constexpr int K = F::kMoments;
-  auto keep = Finite(g);
   V old[K];
   for (int k = 0; k < K; ++k) old[k] = m[k];
-  V update = F::template Step<kFlags>(Masked(g, keep), m, consts);
+  V update = F::template Step<kFlags>(g, m, consts);
   if constexpr ((kFlags & kSkipZeros) != 0) {
     const auto nonzero = NonZero(g);  // NaN too, which resets below
     touched = touched | nonzero;
     for (int k = 0; k < K; ++k) m[k] = Select(nonzero, m[k], old[k]);
     update = Select(nonzero, update, V(0.0f));
   }
-  for (int k = 0; k < K; ++k) keep = keep & Finite(m[k]);
+  auto keep = Finite(m[0]);
+  for (int k = 1; k < K; ++k) keep = keep & Finite(m[k]);
   for (int k = 0; k < K; ++k) m[k] = Masked(m[k], keep);
   return Masked(update, keep);
 }

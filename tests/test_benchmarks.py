@@ -83,3 +83,27 @@ def test_cuda_sass_counts_each_functions_instructions_by_opcode():
   """
   functions = cuda_sass.count_instructions(listing)
   assert functions == {"_Z5probev": {"LDC": 1, "FADD": 1, "EXIT": 1}, "_Z5otherv": {"IMAD": 1}}
+
+
+def test_cuda_sass_counts_the_block_loops_common_path_without_rare_calls():
+  from benchmarks import cuda_sass
+
+  listing = """
+        Function : _Z4walkv
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   FADD R2, R3, R4 ;
+        /*0020*/                   MUFU.RSQ R5, R2 ;
+        /*0030*/              @!P1 BRA 0x70 ;
+        /*0040*/                   MOV R6, 0x60 ;
+        /*0050*/                   CALL.REL.NOINC 0xb0 ;
+        /*0060*/                   BRA 0x80 ;
+        /*0070*/                   FMUL.FTZ R7, R2, R5 ;
+        /*0080*/                   ISETP.GE.AND P0, PT, R0, 0x8, PT ;
+        /*0090*/              @!P0 BRA 0x10 ;
+        /*00a0*/                   EXIT ;
+        /*00b0*/                   FFMA R7, R2, R5, R6 ;
+        /*00c0*/                   RET.REL.NODEC R6 0x0 ;
+  """
+  code = cuda_sass.parse_sass(listing)["_Z4walkv"]
+  common = cuda_sass.common_path_of_loop(code)
+  assert common == {"FADD": 1, "MUFU": 1, "BRA": 2, "FMUL": 1, "ISETP": 1}

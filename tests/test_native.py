@@ -529,6 +529,16 @@ def compiler():
 
 
 @pytest.mark.skipif(compiler() is None, reason="needs a C++ compiler")
+def test_the_cuda_walks_division_by_constants_equals_integer_division(tmp_path):
+  binary = tmp_path / "divisor_test"
+  source = ROOT / "custom_calls" / "tests" / "divisor_test.cc"
+  subprocess.run([compiler(), "-std=c++17", "-O2", f"-I{ROOT / 'custom_calls'}", str(source), "-o", str(binary)],
+                 check=True)
+  result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and result.stdout.strip().endswith("0 failures"), result.stdout[-2000:]
+
+
+@pytest.mark.skipif(compiler() is None, reason="needs a C++ compiler")
 def test_encoder_is_exact_for_every_float_in_the_maps_range(tmp_path):
   binary = tmp_path / "encode_exhaustive_test"
   source = ROOT / "custom_calls" / "tests" / "encode_exhaustive_test.cc"
@@ -536,8 +546,10 @@ def test_encoder_is_exact_for_every_float_in_the_maps_range(tmp_path):
   native_flags = ["-march=native"] if subprocess.run(
       [compiler(), "-march=native", "-x", "c++", "-E", "-"], input=b"", capture_output=True).returncode == 0 else []
   subprocess.run([compiler(), *flags, *native_flags, str(source), "-o", str(binary)], check=True)
-  tables = [qz.SIGNED_MAP, qz.UNSIGNED_MAP, qz.encode_thresholds(True), qz.encode_thresholds(False)]
-  stdin = " ".join(f"{v:08x}" for t in tables for v in np.asarray(t, np.float32).view(np.uint32))
+  tables = [np.asarray(t, np.float32).view(np.uint32) for t in (qz.SIGNED_MAP, qz.UNSIGNED_MAP,
+             qz.encode_thresholds(True), qz.encode_thresholds(False))]
+  tables += [qz.encode_table(True).view(np.uint32), qz.encode_table(False).view(np.uint32)]
+  stdin = " ".join(f"{v:08x}" for t in tables for v in t)
   result = subprocess.run([str(binary)], input=stdin, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0 and result.stdout.strip().endswith("\n0 failures"), result.stdout[-2000:]
   # Every vector encoder the CPU kernel runs here was among those checked.

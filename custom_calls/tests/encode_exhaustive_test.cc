@@ -1,15 +1,18 @@
 // Exhaustive check of optax8_math.h's encoder, and of optax8_avx2.h's and optax8_avx512.h's
 // when compiled for those instruction sets (-march=native), run by tests/test_native.py.
 //
-// Reads from stdin, as hexadecimal float32 bit patterns, the Python package's signed map,
-// unsigned map, signed thresholds and unsigned thresholds (256, 256, 255, 255 values), checks
-// that the header holds the same tables, then checks that Encode matches the definition,
+// Reads from stdin, as hexadecimal 32-bit patterns, the Python package's signed map, unsigned
+// map, signed thresholds, unsigned thresholds, signed encode table and unsigned encode table
+// (256, 256, 255, 255, 4096 and 8192 values), checks that the header holds the same tables, then checks that Encode matches the definition,
 // "#{k : t[k] < x}, then the sign fix (signed map) or code 1 for a positive x counting no
-// threshold (unsigned map)", for every float32 x in [-1, 1]. Prints one line per failure and
-// exits non-zero if there was any.
+// threshold (unsigned map)", for every float32 x of magnitude below 2 (a block's values over its
+// absmax), with and without the clamp that EncodeSum<kSigned, true> (the CUDA kernel's, for
+// blocks whose 1 / absmax is finite) leaves out. Prints one line per failure and exits non-zero
+// if there was any.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 
 #include "optax8_math.h"
 #if defined(__AVX2__)
@@ -23,7 +26,8 @@
 
 namespace {
 
-int ReadAndCompare(const char* name, const float* header, int n) {
+template <class T>
+int ReadAndCompare(const char* name, const T* header, int n) {
   int failures = 0;
   for (int i = 0; i < n; ++i) {
     unsigned bits = 0;
@@ -31,8 +35,10 @@ int ReadAndCompare(const char* name, const float* header, int n) {
       std::printf("%s: input ended at entry %d\n", name, i);
       return failures + 1;
     }
-    if (bits != optax8::FloatToBits(header[i])) {
-      std::printf("%s[%d]: header 0x%08x, python 0x%08x\n", name, i, optax8::FloatToBits(header[i]), bits);
+    uint32_t ours = 0;
+    std::memcpy(&ours, header + i, sizeof(ours));
+    if (bits != ours) {
+      std::printf("%s[%d]: header 0x%08x, python 0x%08x\n", name, i, ours, bits);
       ++failures;
     }
   }
@@ -59,14 +65,14 @@ long CheckVectors(uint32_t key, uint32_t run_end, uint32_t want) {
   return bad;
 }
 
-// Splits [-1, 1] into runs of floats between consecutive thresholds, on one side of zero,
+// Splits (-2, 2) into runs of floats between consecutive thresholds, on one side of zero,
 // where the definition gives one code, and compares Encode on every float of each run.
 template <bool kSigned>
 long CheckAllFloats(const float (&map)[256], const optax8::Thresholds& th) {
   using optax8::detail::OrderKey;
   long failures = 0;
-  const uint32_t last = OrderKey(optax8::FloatToBits(1.0f));
-  uint32_t key = OrderKey(optax8::FloatToBits(-1.0f));
+  const uint32_t last = OrderKey(optax8::FloatToBits(0x1.fffffep0f));
+  uint32_t key = OrderKey(optax8::FloatToBits(-0x1.fffffep0f));
   for (uint32_t below = 0; key <= last; ++below) {
     // This run: x > t[below - 1] and x <= t[below], split at the +0 / -0 boundary.
     uint32_t end = below < 255 ? OrderKey(optax8::FloatToBits(th.t[below])) : last;
@@ -80,7 +86,11 @@ long CheckAllFloats(const float (&map)[256], const optax8::Thresholds& th) {
       if (!kSigned && want == 0 && first > 0) want = 1;
       want &= 0xFFu;
       long bad = 0;
-      for (uint32_t k = key; k <= run_end; ++k) bad += optax8::Encode<kSigned>(FromOrderKey(k)) != want;
+      for (uint32_t k = key; k <= run_end; ++k) {
+        const float x = FromOrderKey(k);
+        bad += optax8::Encode<kSigned>(x) != want;
+        bad += optax8::EncodeSum<kSigned, true>(x, optax8::EncodeTableFor<kSigned>()) >> 24 != want;
+      }
 #if defined(__AVX2__)
       bad += CheckVectors<optax8::Avx2, kSigned>(key, run_end, want);
 #endif
@@ -104,7 +114,9 @@ int main() {
   long failures = ReadAndCompare("signed map", optax8::kSignedMap, 256) +
                   ReadAndCompare("unsigned map", optax8::kUnsignedMap, 256) +
                   ReadAndCompare("signed thresholds", optax8::kSignedThresholds.t, 255) +
-                  ReadAndCompare("unsigned thresholds", optax8::kUnsignedThresholds.t, 255);
+                  ReadAndCompare("unsigned thresholds", optax8::kUnsignedThresholds.t, 255) +
+                  ReadAndCompare("signed encode table", optax8::kSignedEncode.entry, 2 * optax8::kRows << 6) +
+                  ReadAndCompare("unsigned encode table", optax8::kUnsignedEncode.entry, 2 * optax8::kRows << 7);
   failures += CheckAllFloats<true>(optax8::kSignedMap, optax8::kSignedThresholds);
   failures += CheckAllFloats<false>(optax8::kUnsignedMap, optax8::kUnsignedThresholds);
   std::printf("encoders checked: scalar");

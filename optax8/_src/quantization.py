@@ -217,11 +217,11 @@ def _lookup(table: np.ndarray, index: jax.Array) -> jax.Array:
 
 # Encoding without a search (the same tables as custom_calls/optax8_math.h). A float's sign,
 # exponent and top `sub_bits` mantissa bits select a bucket, a contiguous range of floats that
-# holds at most one threshold; its entry is `base << 24 | position`: the code of the bucket's
-# lowest float, and where in the bucket the threshold lies. Then code(x) = base + (x's position
-# in its bucket > the threshold's): one lookup, one comparison. Rows (per sign): 0 holds
+# holds at most one threshold; its entry is `(base << 24) + (0xFFFFFF - position)`, from the code
+# of the bucket's lowest float and where in the bucket the threshold lies. Then code(x) =
+# (entry + x's position in its bucket) >> 24: one lookup, one add. Rows (per sign): 0 holds
 # |x| < 2^-23 (below every threshold, zeros included), 1..24 the binades [2^-23, 2^1), 25..31
-# larger values and NaN (code 255; |x| <= 1 otherwise). 32 rows make the sign one index bit.
+# larger values and NaN (code 255). 32 rows make the sign one index bit.
 _MIN_EXPONENT = 104  # biased exponent of 2^-23
 _ROWS = 32
 _SUB_BITS = {True: 6, False: 7}  # enough to separate adjacent thresholds of each map
@@ -270,7 +270,15 @@ def encode_table(signed: bool) -> np.ndarray:
     moved = (sign == 1) & (base + (position != none) >= 127)
     base = np.where(moved, np.where(base == 255, 254, 126), base)
     position = np.where(moved, none, position)
-  table = ((base << 24) | position).astype(np.int32).reshape(-1)
+  else:
+    # A positive x never takes code 0: its buckets' code 0 becomes 1, but in the bucket that
+    # `encode` sends +0 (and +0 alone, of those below 2^-23) to, where a threshold at position
+    # 0 keeps +0's code 0.
+    zero = tiny & (sub == 0)
+    floored = (sign == 0) & (base == 0)
+    base = np.where(floored & ~zero, 1, base)
+    position = np.where(floored, np.where(zero, 0, none), position)
+  table = ((base << 24) + (0xFFFFFF - position)).astype(np.uint32).view(np.int32).reshape(-1)
   table.flags.writeable = False
   return table
 
@@ -287,16 +295,15 @@ def encode(x: jax.Array, signed: bool) -> jax.Array:
   sub_bits = _SUB_BITS[signed]
   key_bits = 23 - sub_bits
   bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
-  row_sub = jnp.clip(((bits & 0x7FFFFFFF) >> key_bits) - ((_MIN_EXPONENT - 1) << sub_bits), 0,
-                     (_ROWS << sub_bits) - 1)
+  bucket = (bits & 0x7FFFFFFF) >> key_bits
+  # Unsigned map: row 0's sub-bucket 0 takes bucket 0 alone (where +0 is), the other tiny x go to 1.
+  floor = 0 if signed else jnp.minimum(bucket, 1)
+  row_sub = jnp.minimum(jnp.maximum(bucket - ((_MIN_EXPONENT - 1) << sub_bits), floor), (_ROWS << sub_bits) - 1)
   entry = _lookup(encode_table(signed), row_sub | ((bits >> 31) & (_ROWS << sub_bits)))
   # Position within the bucket in value order: negative floats order by decreasing magnitude.
   position = (bits ^ (bits >> 31)) & ((1 << key_bits) - 1)
   # lax needs both operands int32, and a Python int shift would be int64 under jax_enable_x64.
-  codes = jax.lax.shift_right_logical(entry, np.int32(24)) + (position > (entry & 0xFFFFFF)).astype(jnp.int32)
-  if not signed:
-    codes = jnp.maximum(codes, (bits > 0).astype(jnp.int32))  # bits > 0: positive, +0 excluded
-  return codes.astype(jnp.uint8)
+  return jax.lax.shift_right_logical(entry + position, np.int32(24)).astype(jnp.uint8)
 
 
 def _fmix32(x: jax.Array) -> jax.Array:
