@@ -57,6 +57,8 @@ def _unfused_step(tx):
 
 
 def _assert_same(params_a, state_a, params_b, state_b, rtol=1e-6, atol=1e-6):
+  assert jax.tree.structure(state_a) == jax.tree.structure(state_b)
+  assert jax.tree.structure(params_a) == jax.tree.structure(params_b)
   for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
@@ -143,6 +145,17 @@ def test_fused_bfloat16_step_stays_within_bfloat16_rounding(implementation):
   got_params, got_state = jax.jit(optax8.fused(tx).step)(params, tx.init(params), grads)
   assert got_params["w"].dtype == jnp.bfloat16
   _assert_same(want_params, want_state, got_params, got_state, rtol=1e-2, atol=1e-2)
+
+
+def test_fused_step_of_float32_parameters_with_bfloat16_gradients_matches_the_unfused_step(implementation):
+  tx = optax8.adamw8bit(1e-2, weight_decay=0.1)
+  params = _params()
+  grads = jax.tree.map(lambda g: g.astype(jnp.bfloat16), _grads(params, 0))
+  want_params, want_state = jax.jit(_unfused_step(tx))(params, tx.init(params), grads)
+  got_params, got_state = jax.jit(optax8.fused(tx).step)(params, tx.init(params), grads)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(got_params))
+  # The unfused update is rounded to bfloat16 before it is applied; the fused one is not.
+  _assert_same(want_params, want_state, got_params, got_state, rtol=1e-2, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -256,3 +256,26 @@ def test_nnx_sharded_training_on_two_devices(tmp_path):
   assert facts["wide_absmax_spec"] == [None, "model"]
   assert facts["shards_match_specs"]
   assert facts["difference_to_one_device"]["codes"] <= 1 and facts["difference_to_one_device"]["absmax"] < 1e-5
+
+
+def test_fused_step_state_round_trips_through_orbax_and_flax_serialization(tmp_path):
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax8.adamw8bit(1e-2, weight_decay=0.1))
+  fused = optax8.fused(tx)
+  params = {"w": jax.random.normal(jax.random.key(0), (16, 512)), "b": jnp.zeros((512,))}
+  step = jax.jit(fused.step, donate_argnums=(0, 1))
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.25), params)
+  params, state = step(params, fused.init(params), grads)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", {"params": params, "opt_state": state})
+  checkpointer.wait_until_finished()
+  abstract = jax.eval_shape(lambda: {"params": params, "opt_state": fused.init(params)})
+  restored = checkpointer.restore(tmp_path / "ckpt", abstract)
+  assert_trees_equal(restored["opt_state"], state)
+  from_bytes = serialization.from_bytes(fused.init(params), serialization.to_bytes(state))
+  assert_trees_equal(from_bytes, state)
+  # The restored state continues the fused step and the unfused one alike.
+  want = step(*jax.tree.map(jnp.copy, (params, state)), grads)
+  assert_trees_equal(step(restored["params"], restored["opt_state"], grads), want)
+  updates, unfused_state = jax.jit(tx.update)(grads, from_bytes, params)
+  assert_trees_equal(unfused_state, want[1])
+  np.testing.assert_allclose(optax.apply_updates(params, updates)["w"], want[0]["w"], rtol=1e-6, atol=1e-6)

@@ -226,8 +226,9 @@ def fused(tx: optax.GradientTransformation) -> FusedStep:
   ``fused(tx).step(params, state, grads)`` returns what
   ``updates, state = tx.update(grads, state, params)`` and
   ``optax.apply_updates(params, updates)`` return, with the state bit for bit and the
-  parameters to float32 rounding (for bfloat16 or float16 gradients the clip is computed in
-  float32, one rounding fewer), computing per parameter
+  parameters to float32 rounding (for bfloat16 or float16 gradients to their rounding: the clip
+  and the update stay in float32, where optax rounds them to the gradient's dtype), computing
+  per parameter
 
   .. math::
     g \leftarrow g \cdot \min(1, c / \lVert g \rVert),\quad (u, s) \leftarrow \mathrm{block}(g, s),\quad
@@ -235,7 +236,9 @@ def fused(tx: optax.GradientTransformation) -> FusedStep:
 
   in one kernel call that reads the gradient, the parameter and the 8-bit state once and
   writes the parameter and the state once, in place when the step donates them
-  (``jax.jit(step, donate_argnums=(0, 1))``). The state is ``tx``'s own pytree: a state from
+  (``jax.jit(step, donate_argnums=(0, 1))``). A parameter whose dtype differs from its
+  gradient's (float32 parameters with bfloat16 gradients, say) takes the pure-JAX reference
+  path: the same result, without the kernel's speed. The state is ``tx``'s own pytree: a state from
   ``tx.init``, ``tx.update`` or a checkpoint of either works with both. The learning rate, the
   weight decay and the clip scale are runtime scalars.
 
