@@ -9,7 +9,9 @@
 //
 // One warp updates one quantization block, holding up to kChunk of its elements in registers:
 // every load of a chunk is issued before the first use, then the block's peak claim is a
-// warp reduction and the lanes encode and store. A block longer than kChunk is stepped twice:
+// warp reduction and the lanes encode and store. A whole, aligned 256-element block (the
+// default, in rows whose length is a multiple of 8) gives each lane 8 contiguous elements,
+// loaded and stored as 16- and 8-byte vectors; other blocks take lanes strided by the warp. A block longer than kChunk is stepped twice:
 // once for its peak, once more to store it (the same arithmetic gives the same values). A
 // persistent grid of thread blocks walks the quantization blocks, each thread block copying the
 // code tables into its shared memory once. Everything runs on XLA's stream: no allocation, no
@@ -260,6 +262,7 @@ __device__ __forceinline__ void StoreCodes(const Job& job, int64_t start, int n,
     uint32_t sum[kItems];
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
+      if (!kContiguous && i * kWarp >= n) break;  // the same for the whole warp; the stores check j < n
       const float x = chunk.moments[k][i] * scale[k];
       sum[i] = (kSignedMaskOf<F> >> k) & 1u ? EncodeSum<true>(x, EncodeTableFor<true>())
                                              : EncodeSum<false>(x, EncodeTableFor<false>());
@@ -274,6 +277,7 @@ __device__ __forceinline__ void StoreCodes(const Job& job, int64_t start, int n,
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
         const int j = ItemIndex<false>(lane, i);
+        if (i * kWarp >= n) break;
         if (j < n) codes[j] = static_cast<uint8_t>(sum[i] >> 24);
       }
     }
@@ -369,8 +373,8 @@ __device__ __noinline__ Group<F> PrepareGroup(const Job& job, uint32_t group) {
 // synchronises in here) with 32-bit block numbers (the host checks that they fit);
 // shape(offset, column) is the length of the block starting at element `offset`, column
 // `column`, and whether it takes the contiguous path.
-template <class F, int kFlags, class T, class BlockShape>
-__device__ __forceinline__ void WalkBlocks(const Job& job, const Walk& walk, BlockShape shape) {
+template <class F, int kFlags, class T, class Shape>
+__device__ __forceinline__ void WalkBlocks(const Job& job, const Walk& walk, Shape shape) {
   const int lane = threadIdx.x % kWarp;
   const uint32_t warps = gridDim.x * kWarpsPerBlock;
   const uint32_t total = static_cast<uint32_t>(job.total_blocks);
@@ -413,7 +417,7 @@ __global__ void __launch_bounds__(kThreads, F::kMoments > 2 ? 2 : 3) UpdateKerne
 
 using LaunchFn = cudaError_t (*)(cudaStream_t, const Job&);
 
-// Whether p is a multiple of `bytes` apart from the null pointer.
+// Whether p is a multiple of `bytes` (the null pointer is).
 bool AlignedTo(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 template <class F, int kFlags, class T>
