@@ -356,10 +356,9 @@ OPTAX8_HD const auto& EncodeTableFor() {
 // make a step up to 1/eps too large. Exact for every float of magnitude below 2, and NaN.
 //
 // EncodeSum returns (entry + position), whose top byte is the code, so that a kernel packing
-// codes with byte permutes needs no shift. kBelowTwo: the caller knows |x| < 2 (a block whose
-// 1 / absmax is finite), which spares the clamp to the last row. Signed 32-bit arithmetic
-// throughout, which vectorizes best; the SIMD encoders do the same operations per lane.
-template <bool kSigned, bool kBelowTwo = false, class Table>
+// codes with byte permutes needs no shift. Signed 32-bit arithmetic throughout, which
+// vectorizes best; the SIMD encoders do the same operations per lane.
+template <bool kSigned, class Table>
 OPTAX8_HD uint32_t EncodeSum(float x, const Table& table) {
   constexpr int kSubBits = 23 - Table::kKeyBits;
   const int32_t bits = static_cast<int32_t>(FloatToBits(x));
@@ -367,11 +366,8 @@ OPTAX8_HD uint32_t EncodeSum(float x, const Table& table) {
   // Row 0 of the unsigned map: sub-bucket 0 for bucket 0 alone (+0 is there), 1 for other tiny x.
   const int32_t floor = kSigned ? 0 : (bucket < 1 ? bucket : 1);
   int32_t row_sub = bucket - ((kMinExponent - 1) << kSubBits);
-  row_sub = row_sub < floor ? floor : row_sub;
-  if constexpr (!kBelowTwo) {
-    constexpr int32_t kLastRowSub = (kRows << kSubBits) - 1;
-    row_sub = row_sub > kLastRowSub ? kLastRowSub : row_sub;
-  }
+  constexpr int32_t kLastRowSub = (kRows << kSubBits) - 1;
+  row_sub = row_sub < floor ? floor : (row_sub > kLastRowSub ? kLastRowSub : row_sub);
   const int32_t sign = bits >> 31;
   const int32_t entry = table.entry[row_sub | (sign & (kRows << kSubBits))];
   // Position within the bucket in value order: negative floats order by decreasing magnitude.
