@@ -18,7 +18,6 @@
 
 #include "optax8_job.h"
 
-
 // The CPU library compiles this header once per instruction set (optax8_cpu_<isa>.cc, each
 // defining OPTAX8_ISA as the set's name), in an inline namespace of that name, so that the
 // linker never merges one set's copy of an inline function into another's code.
