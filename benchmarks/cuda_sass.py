@@ -1,8 +1,8 @@
 """The CUDA kernel's cost without a GPU: SASS instructions per element, registers, shared memory.
 
-Compiles ``custom_calls/optax8_cuda.cu`` for one architecture (``sm_90``, the H200's, by
-default) with the library's flags, together with a probe kernel per family: the library's
-kernel with every block the default 256 elements long (the path nearly every block takes, so
+Compiles the CUDA kernel (``custom_calls/optax8_cuda_kernel.cuh``) for one architecture
+(``sm_90``, the H200's, by default) with the library's flags, together with a probe kernel per
+family: the library's kernel with every block the default 256 elements long (the path nearly every block takes, so
 its code is straight through), and reads the machine code with ``cuobjdump``. Per family
 (float32 gradients, no flags):
 
@@ -47,15 +47,15 @@ from examples import common
 __all__ = ["FAMILIES", "common_path_of_loop", "count_instructions", "find_tools", "main", "parse_sass"]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "custom_calls" / "optax8_cuda.cu"
+SOURCE = ROOT / "custom_calls" / "optax8_cuda_kernel.cuh"
 # optax8_math.h's family types, in its VisitFamily order.
 FAMILIES = ("Adam", "Momentum", "Lion", "Rmsprop", "Adagrad", "Ademamix")
 # The library's device flags (custom_calls/CMakeLists.txt): exact float32 arithmetic.
 NVCC_FLAGS = ("-O3", "--fmad=false", "-prec-div=true", "-prec-sqrt=true", "-ftz=false", "-std=c++17")
-ELEMENTS_PER_LANE = 8  # optax8_cuda.cu's kItems: a 256-element block over a warp's 32 lanes
+ELEMENTS_PER_LANE = 8  # optax8_cuda_kernel.cuh's kItems: a 256-element block over a warp's 32 lanes
 
 PROBE = """
-#include "optax8_cuda.cu"
+#include "optax8_cuda_kernel.cuh"
 #include <cstdio>
 
 namespace optax8 {
@@ -70,11 +70,13 @@ __global__ void __launch_bounds__(kThreads, F::kMoments > 2 ? 2 : 3) SassProbe(c
 }  // namespace
 }  // namespace optax8
 
-// Each family's two probes (referenced, so compiled) and its tables' shared-memory bytes.
+// Each family's two probes and its float32 kernel without flags (referenced, so compiled), and
+// its tables' shared-memory bytes.
 #define OPTAX8_PROBE(F)                                                              \\
-  std::printf("%s %zu %p %p\\n", #F, optax8::kSharedTableBytes<optax8::F>,           \\
+  std::printf("%s %zu %p %p %p\\n", #F, optax8::kSharedTableBytes<optax8::F>,        \\
               reinterpret_cast<void*>(&optax8::SassProbe<optax8::F, true>),          \\
-              reinterpret_cast<void*>(&optax8::SassProbe<optax8::F, false>));
+              reinterpret_cast<void*>(&optax8::SassProbe<optax8::F, false>),         \\
+              reinterpret_cast<void*>(&optax8::UpdateKernel<optax8::F, 0, float>));
 
 int main() {
   OPTAX8_PROBE(Adam) OPTAX8_PROBE(Momentum) OPTAX8_PROBE(Lion) OPTAX8_PROBE(Rmsprop)
@@ -186,12 +188,10 @@ def _resources(listing: str) -> dict[str, dict[str, int]]:
 
 
 def measure(arch: str, nvcc: str, cuobjdump: str) -> list[list[str]]:
-  import jax.ffi  # the XLA FFI headers the kernel compiles against
-
   with tempfile.TemporaryDirectory() as tmp:
     probe, binary = pathlib.Path(tmp) / "probe.cu", pathlib.Path(tmp) / "probe"
     probe.write_text(PROBE)
-    subprocess.run([nvcc, f"-arch={arch}", *NVCC_FLAGS, f"-I{SOURCE.parent}", f"-I{jax.ffi.include_dir()}",
+    subprocess.run([nvcc, f"-arch={arch}", *NVCC_FLAGS, f"-I{SOURCE.parent}",
                     "-diag-suppress=20013,20015", str(probe), "-o", str(binary)], check=True, capture_output=True)
     # cuobjdump disassembles with nvdisasm, which it looks for on PATH: the one beside it first.
     env = dict(os.environ, PATH=os.pathsep.join([str(pathlib.Path(cuobjdump).parent), os.environ.get("PATH", "")]))

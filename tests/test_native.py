@@ -539,6 +539,24 @@ def test_the_cuda_walks_division_by_constants_equals_integer_division(tmp_path):
 
 
 @pytest.mark.skipif(compiler() is None, reason="needs a C++ compiler")
+def test_the_cuda_kernels_code_run_on_the_host_equals_the_cpu_kernel_bit_for_bit(tmp_path):
+  # custom_calls/tests/cuda_kernel_emulation_test.cc: the CUDA kernel's source, with host
+  # stand-ins for the CUDA headers, against the CPU kernel's scalar block walk.
+  custom_calls = ROOT / "custom_calls"
+  flags = ["-std=c++17", "-O1", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fno-strict-aliasing"]
+  cpu_unit, binary = tmp_path / "cpu_scalar.o", tmp_path / "cuda_kernel_emulation_test"
+  subprocess.run([compiler(), *flags, "-DOPTAX8_ISA=scalar", f"-I{custom_calls}", "-c",
+                  str(custom_calls / "optax8_cpu_isa.cc"), "-o", str(cpu_unit)], check=True)
+  subprocess.run([compiler(), *flags, f"-I{custom_calls / 'tests' / 'cuda_emulation'}", f"-I{custom_calls}",
+                  str(custom_calls / "tests" / "cuda_kernel_emulation_test.cc"), str(cpu_unit), "-o", str(binary)],
+                 check=True)
+  result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0 and result.stdout.strip().endswith("\n0 failures"), result.stdout[-2000:]
+  cases, aligned = (int(word) for word in result.stdout.splitlines()[-2].split()[::2][:2])
+  assert cases > 1000 and 0 < aligned < cases, result.stdout[-2000:]  # both of the kernel's paths ran
+
+
+@pytest.mark.skipif(compiler() is None, reason="needs a C++ compiler")
 def test_encoder_is_exact_for_every_float_in_the_maps_range(tmp_path):
   binary = tmp_path / "encode_exhaustive_test"
   source = ROOT / "custom_calls" / "tests" / "encode_exhaustive_test.cc"
