@@ -538,7 +538,8 @@ def test_the_cuda_walks_division_by_constants_equals_integer_division(tmp_path):
   assert result.returncode == 0 and result.stdout.strip().endswith("0 failures"), result.stdout[-2000:]
 
 
-@pytest.mark.skipif(compiler() is None, reason="needs a C++ compiler")
+@pytest.mark.skipif(compiler() is None or not sys.platform.startswith("linux"),
+                    reason="needs a C++ compiler and glibc's ucontext fibers")
 def test_the_cuda_kernels_code_run_on_the_host_equals_the_cpu_kernel_bit_for_bit(tmp_path):
   # custom_calls/tests/cuda_kernel_emulation_test.cc: the CUDA kernel's source, with host
   # stand-ins for the CUDA headers, against the CPU kernel's scalar block walk.
