@@ -220,7 +220,8 @@ std::string Describe(const Case& c) {
   static const char* const kFamilies[] = {"adam", "momentum", "lion", "rmsprop", "adagrad", "ademamix"};
   static const char* const kDtypes[] = {"f32", "bf16", "f16"};
   char text[256];
-  std::snprintf(text, sizeof(text), "%s flags=%d %s apply=%d in_place=%d offset=%d shape=(%lld, %lld) block=%lld groups=%lld",
+  std::snprintf(text, sizeof(text),
+                "%s flags=%d %s apply=%d in_place=%d offset=%d shape=(%lld, %lld) block=%lld groups=%lld",
                 kFamilies[c.family], c.flags, kDtypes[static_cast<int>(c.dtype)], c.apply, c.in_place, c.offset,
                 static_cast<long long>(c.shape.rows), static_cast<long long>(c.shape.row_length),
                 static_cast<long long>(c.shape.block_size), static_cast<long long>(c.shape.groups));
@@ -229,17 +230,17 @@ std::string Describe(const Case& c) {
 
 size_t ElementBytes(GradientType dtype) { return dtype == GradientType::kF32 ? 4 : 2; }
 
-// `count` values of dtype from floats.
+// The values' bytes as dtype, rounded to nearest even.
 std::vector<uint8_t> Encoded(const std::vector<float>& values, GradientType dtype) {
   std::vector<uint8_t> bytes(values.size() * ElementBytes(dtype));
   for (size_t i = 0; i < values.size(); ++i) {
-    uint16_t h = 0;
     if (dtype == GradientType::kF32) {
       std::memcpy(&bytes[4 * i], &values[i], 4);
-      continue;
+    } else {
+      const uint16_t h =
+          dtype == GradientType::kBF16 ? __float2bfloat16_rn(values[i]).bits : __float2half_rn(values[i]).bits;
+      std::memcpy(&bytes[2 * i], &h, 2);
     }
-    h = dtype == GradientType::kBF16 ? __float2bfloat16_rn(values[i]).bits : __float2half_rn(values[i]).bits;
-    std::memcpy(&bytes[2 * i], &h, 2);
   }
   return bytes;
 }
@@ -341,16 +342,19 @@ std::vector<uint8_t> Results(const Case& c, int moments, const Buffers& b) {
   return out;
 }
 
-// The emulated CUDA kernel on `job`, over a grid of two thread blocks (16 warps). "" or why not.
-std::string RunEmulated(const Job& job, std::mt19937_64& rng, bool& contiguous) {
+// The emulated CUDA kernel on `job`, over a grid of two thread blocks (16 warps); `aligned` says
+// whether the walk found its buffers aligned for the contiguous path. "" or why the run failed.
+std::string RunEmulated(const Job& job, std::mt19937_64& rng, bool& aligned) {
   std::string problem = "no kernel for the job";
   optax8::VisitKernel(job, [&](auto family, auto flags, auto* type) {
     using F = decltype(family);
     using T = std::remove_pointer_t<decltype(type)>;
     const optax8::Walk walk = optax8::WalkOf<F>(job);
-    contiguous = walk.aligned;
+    aligned = walk.aligned;
     const std::function<void()> kernel = [&] { optax8::UpdateKernel<F, decltype(flags)::value, T>(job, walk); };
-    const std::function<void()> poison = [] { std::memset(optax8::kSharedTables, 0xFF, sizeof(optax8::kSharedTables)); };
+    const std::function<void()> poison = [] {
+      std::memset(optax8::kSharedTables, 0xFF, sizeof(optax8::kSharedTables));
+    };
     problem = cuda_emulation::Launch(2, optax8::kThreads, kernel, poison, rng);
   });
   return problem;
@@ -395,9 +399,9 @@ int main() {
     const Job cuda_job = MakeJob(c, moments, stride, inputs, 0x5A, cuda);
     std::vector<float> scratch(optax8::kScratchBlocks * c.shape.block_size);
     if (!Optax8CpuBlocks_scalar(&cpu_job, 0, cpu_job.total_blocks, scratch.data())) std::abort();
-    bool contiguous = false;
-    const std::string problem = RunEmulated(cuda_job, rng, contiguous);
-    aligned_cases += contiguous;
+    bool aligned = false;
+    const std::string problem = RunEmulated(cuda_job, rng, aligned);
+    aligned_cases += aligned;
     const std::vector<uint8_t> want = Results(c, moments, cpu), got = Results(c, moments, cuda);
     std::string mismatch = problem;
     if (mismatch.empty()) {

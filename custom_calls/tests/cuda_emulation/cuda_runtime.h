@@ -93,7 +93,9 @@ inline float __shfl_sync(unsigned mask, float value, int source) {
   std::memcpy(&result, &bits, sizeof(result));
   return result;
 }
-inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) { cuda_emulation::Arrive(cuda_emulation::Op::kSyncWarp, mask, 0, 0); }
+inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) {
+  cuda_emulation::Arrive(cuda_emulation::Op::kSyncWarp, mask, 0, 0);
+}
 inline void __syncthreads() { cuda_emulation::Arrive(cuda_emulation::Op::kSyncThreads, 0xFFFFFFFFu, 0, 0); }
 
 #endif  // OPTAX8_TESTS_CUDA_EMULATION_CUDA_RUNTIME_H_
