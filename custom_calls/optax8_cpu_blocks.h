@@ -147,10 +147,11 @@ OPTAX8_HD void StoreParameter(const Job& job, int64_t offset, int64_t n, const f
   }
 }
 
-// codes[j] = Encode<kSigned>(values[j] * scale) for j < n.
+// codes[j] = Encode<kSigned>(values[j] * scale) for begin <= j < n.
 template <class S, bool kSigned>
-OPTAX8_HD void EncodeBlock(const float* __restrict__ values, float scale, int64_t n, uint8_t* __restrict__ codes) {
-  int64_t j = 0;
+OPTAX8_HD void EncodeBlock(const float* __restrict__ values, float scale, int64_t begin, int64_t n,
+                           uint8_t* __restrict__ codes) {
+  int64_t j = begin;
   if constexpr (S::kLanes > 0) {
     for (; j + S::kLanes <= n; j += S::kLanes) {
       S::template Encode<kSigned>(S::Load(values + j) * typename S::Vec(scale), codes + j);
@@ -159,14 +160,53 @@ OPTAX8_HD void EncodeBlock(const float* __restrict__ values, float scale, int64_
   for (; j < n; ++j) codes[j] = static_cast<uint8_t>(Encode<kSigned>(values[j] * scale));
 }
 
+// A block's new moments, waiting to be encoded: the next block's element loop encodes them a
+// vector at a time between its own vectors, so that the encoder's table gathers overlap the
+// step's divisions and square roots instead of following them.
+template <int K>
+struct PendingCodes {
+  const float* moments[K];
+  float scale[K];  // 1 / the moment's new absmax
+  uint8_t* codes[K];
+  int64_t n = 0;     // elements; 0 when nothing waits
+  int64_t done = 0;  // elements encoded so far
+};
+
+// Encodes what is left of `pending`.
+template <class S, class F, size_t... k>
+OPTAX8_HD void FinishCodes(std::index_sequence<k...>, PendingCodes<F::kMoments>& pending) {
+  (EncodeBlock<S, F::kSigned[k]>(pending.moments[k], pending.scale[k], pending.done, pending.n, pending.codes[k]),
+   ...);
+  pending.n = pending.done = 0;
+}
+
+// Asks for the cache lines of the gradient, parameter and the K moments' codes at flat elements
+// [offset, offset + n), ahead of their use: with this many streams in flight, the hardware
+// prefetchers alone leave the block walk waiting on memory.
+template <int K>
+OPTAX8_HD void PrefetchElements(const Job& job, int64_t offset, int64_t n) {
+  constexpr int64_t kLine = 64;
+  const int64_t width = job.dtype == GradientType::kF32 ? 4 : 2;
+  const char* g = static_cast<const char*>(job.g) + offset * width;
+  const char* p = static_cast<const char*>(job.param) + offset * width;
+  for (int64_t b = 0; b < n * width; b += kLine) {
+    __builtin_prefetch(g + b, 1, 3);
+    if (job.param != nullptr) __builtin_prefetch(p + b, 1, 3);
+  }
+  for (int k = 0; k < K; ++k) {
+    for (int64_t b = 0; b < n; b += kLine) __builtin_prefetch(job.moments[k].codes + offset + b, 1, 3);
+  }
+}
+
 // One block's elementwise pass: decode, GuardedStep, and the new moments' peak claim, with the
-// moments unrolled at compile time (index sequence k...) so that the loops vectorize. Returns
-// whether the block's state changes (under kSkipZeros: some gradient element is not zero).
+// moments unrolled at compile time (index sequence k...) so that the loops vectorize; between
+// vectors, the previous block's `pending` codes. Returns whether the block's state changes
+// (under kSkipZeros: some gradient element is not zero).
 template <class S, class F, int kFlags, size_t... k>
 OPTAX8_HD bool UpdateElements(std::index_sequence<k...>, int64_t n, const float* g,
                               const uint8_t* const (&codes)[F::kMoments], const float (&absmax)[F::kMoments],
                               const typename F::Consts& consts, float* u, float* const (&moments)[F::kMoments],
-                              uint32_t (&peak)[F::kMoments]) {
+                              uint32_t (&peak)[F::kMoments], PendingCodes<F::kMoments>& pending) {
   // Local copies, so that the compiler keeps them in registers.
   const uint8_t* __restrict__ const in[F::kMoments] = {codes[k]...};
   float* __restrict__ const out[F::kMoments] = {moments[k]...};
@@ -181,7 +221,14 @@ OPTAX8_HD bool UpdateElements(std::index_sequence<k...>, int64_t n, const float*
     (S::template LookupMap<F::kSigned[k]>(in[k], vector_end, out[k]), ...);
     typename S::Peak vector_top[F::kMoments] = {(static_cast<void>(k), S::NoPeak())...};
     typename S::Mask vector_touched = S::NoLanes();
+    const int64_t pending_end = pending.n - pending.n % S::kLanes;
     for (; j < vector_end; j += S::kLanes) {
+      if (j < pending_end) {
+        ((S::template Encode<F::kSigned[k]>(S::Load(pending.moments[k] + j) * V(pending.scale[k]),
+                                            pending.codes[k] + j)),
+         ...);
+        pending.done = j + S::kLanes;
+      }
       V m[F::kMoments] = {S::Load(out[k] + j) * V(scale[k])...};  // decode
       S::Store(u + j, GuardedStep<F, kFlags>(S::Load(g + j), m, consts, vector_touched));
       ((S::Store(out[k] + j, m[k])), ...);
@@ -201,6 +248,19 @@ OPTAX8_HD bool UpdateElements(std::index_sequence<k...>, int64_t n, const float*
   return (kFlags & kSkipZeros) == 0 || touched;
 }
 
+// Where a block (a flat index over rows x row_blocks) lies: its row, its first flat element and
+// its length.
+struct BlockSpan {
+  int64_t row, offset, n;
+};
+
+OPTAX8_HD BlockSpan SpanOf(const Job& job, int64_t block) {
+  const int64_t row = block / job.row_blocks;
+  const int64_t column = (block - row * job.row_blocks) * job.block_size;
+  const int64_t rest = job.row_length - column;
+  return {row, row * job.row_length + column, job.block_size < rest ? job.block_size : rest};
+}
+
 // Updates blocks [begin, end) (flat indices over rows x row_blocks) with kScratchBlocks blocks
 // of scratch.
 template <class S, class F, int kFlags>
@@ -209,23 +269,32 @@ void UpdateBlocks(const Job& job, int64_t begin, int64_t end, float* scratch) {
   const int64_t bs = job.block_size;
   float* const g32 = scratch;
   float* const u32 = scratch + bs;
-  float* moments[K];
-  for (int k = 0; k < K; ++k) moments[k] = scratch + (k + 2) * bs;
+  // Two sets of moment scratch: one block's new moments wait in one while the next block's
+  // element loop fills the other.
+  float* moment_sets[2][K];
+  for (int k = 0; k < K; ++k) {
+    moment_sets[0][k] = scratch + (2 + k) * bs;
+    moment_sets[1][k] = scratch + (2 + K + k) * bs;
+  }
+  PendingCodes<K> pending;
+  // Blocks in order cover contiguous flat elements, so the walk prefetches a fixed distance ahead.
+  constexpr int64_t kPrefetchAhead = 512;  // elements
+  const BlockSpan last = SpanOf(job, end - 1);
+  const int64_t walk_end = last.offset + last.n;
 
   int64_t group = -1;
   typename F::Consts consts{};
   ApplyScalars apply{};
   for (int64_t block = begin; block < end; ++block) {
-    const int64_t row = block / job.row_blocks;
-    const int64_t column = (block - row * job.row_blocks) * bs;
-    const int64_t offset = row * job.row_length + column;
-    const int64_t n = bs < job.row_length - column ? bs : job.row_length - column;
+    const auto [row, offset, n] = SpanOf(job, block);
     if (row / job.rows_per_group != group) {
       group = row / job.rows_per_group;
       const float* hp = job.hp + group * job.hp_stride;
       consts = F::Prepare(hp);
       if (job.param != nullptr) apply = ApplyScalars::Of(hp + F::kNumScalars);
     }
+    const int64_t ahead = offset + kPrefetchAhead;
+    if (ahead < walk_end) PrefetchElements<K>(job, ahead, n < walk_end - ahead ? n : walk_end - ahead);
     const uint8_t* codes[K];
     float absmax[K];
     uint32_t peak[K];
@@ -239,8 +308,10 @@ void UpdateBlocks(const Job& job, int64_t begin, int64_t end, float* scratch) {
     const float* g = GradientAsFloat(job, offset, n, g32);
     if (job.param != nullptr) g = ClippedGradient(g, n, apply, g32);
     float* u = job.param != nullptr ? u32 : UpdateAsFloat(job, offset, u32);
+    float* const(&moments)[K] = moment_sets[block & 1];
     const bool touched = UpdateElements<S, F, kFlags>(std::make_index_sequence<K>(), n, g, codes, absmax, consts, u,
-                                                      moments, peak);
+                                                      moments, peak, pending);
+    FinishCodes<S, F>(std::make_index_sequence<K>(), pending);
     if (job.param != nullptr) {
       StoreParameter(job, offset, n, u32, apply);
     } else {
@@ -256,14 +327,13 @@ void UpdateBlocks(const Job& job, int64_t begin, int64_t end, float* scratch) {
       const float new_absmax = AbsmaxOfPeak(peak[k]);
       job.moments[k].new_absmax[block] = new_absmax;
       // As quantize_blockwise: times 1 / absmax, with 1 for an all-zero block.
-      const float scale = 1.0f / (new_absmax == 0.0f ? 1.0f : new_absmax);
-      if (F::kSigned[k]) {
-        EncodeBlock<S, true>(moments[k], scale, n, new_codes);
-      } else {
-        EncodeBlock<S, false>(moments[k], scale, n, new_codes);
-      }
+      pending.scale[k] = 1.0f / (new_absmax == 0.0f ? 1.0f : new_absmax);
+      pending.moments[k] = moments[k];
+      pending.codes[k] = new_codes;
+      pending.n = n;
     }
   }
+  FinishCodes<S, F>(std::make_index_sequence<K>(), pending);
 }
 
 // Updates blocks [begin, end) of job with the vector operations S; false for a family or flags

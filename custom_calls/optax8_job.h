@@ -39,8 +39,9 @@ struct Divisor {
 };
 
 constexpr int kMaxMoments = 3;
-// The CPU block walk's scratch per thread: this many blocks of floats (gradient, update, moments).
-constexpr int kScratchBlocks = kMaxMoments + 2;
+// The CPU block walk's scratch per thread: this many blocks of floats (gradient, update, and two
+// sets of moments).
+constexpr int kScratchBlocks = 2 * kMaxMoments + 2;
 
 enum class GradientType : int32_t { kF32, kBF16, kF16 };
 
