@@ -1,6 +1,7 @@
 // The CPU kernel's block walk, compiled once per instruction set (optax8_cpu_<isa>.cc): per
 // block of the last axis, decode the moments, GuardedStep of the family's float32 math
-// (optax8_math.h), take the new absmax and re-encode. S is the set's vector operations
+// (optax8_math.h), take the new absmax and re-encode, the re-encoding interleaved with the next
+// block's step and the memory a little ahead prefetched. S is the set's vector operations
 // (optax8_avx2.h's Avx2, optax8_avx512.h's Avx512) or NoVectors; the elements past the last
 // whole vector, and every element under NoVectors, take the scalar path, with the same bits.
 //
@@ -188,10 +189,10 @@ OPTAX8_HD void PrefetchElements(const Job& job, int64_t offset, int64_t n) {
   constexpr int64_t kLine = 64;
   const int64_t width = job.dtype == GradientType::kF32 ? 4 : 2;
   const char* g = static_cast<const char*>(job.g) + offset * width;
-  const char* p = static_cast<const char*>(job.param) + offset * width;
-  for (int64_t b = 0; b < n * width; b += kLine) {
-    __builtin_prefetch(g + b, 1, 3);
-    if (job.param != nullptr) __builtin_prefetch(p + b, 1, 3);
+  for (int64_t b = 0; b < n * width; b += kLine) __builtin_prefetch(g + b, 1, 3);
+  if (job.param != nullptr) {
+    const char* p = static_cast<const char*>(job.param) + offset * width;
+    for (int64_t b = 0; b < n * width; b += kLine) __builtin_prefetch(p + b, 1, 3);
   }
   for (int k = 0; k < K; ++k) {
     for (int64_t b = 0; b < n; b += kLine) __builtin_prefetch(job.moments[k].codes + offset + b, 1, 3);
