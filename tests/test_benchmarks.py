@@ -1,5 +1,8 @@
 """The benchmarks run and print what they promise (at tiny sizes; the figures are not checked)."""
 
+import platform
+import shutil
+
 import jax
 import pytest
 
@@ -107,3 +110,19 @@ def test_cuda_sass_counts_the_block_loops_common_path_without_rare_calls():
   code = cuda_sass.parse_sass(listing)["_Z4walkv"]
   common = cuda_sass.common_path_of_loop(code)
   assert common == {"FADD": 1, "MUFU": 1, "BRA": 2, "FMUL": 1, "ISETP": 1}
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("c++") is None,
+                    reason="the timing program is x86-64 C++")
+def test_cpu_kernel_benchmark_times_every_instruction_set_against_the_same_bytes(capsys):
+  from benchmarks import cpu_kernel
+  from optax8._src import native_library
+
+  cpu_kernel.main(["--elements", str(16 * 4096), "--rounds", "1"])
+  rows = [line.split() for line in capsys.readouterr().out.splitlines()[3:]]
+  cases = {tuple(row[:3]) for row in rows}
+  isas = {row[0] for row in rows}
+  assert {"scalar", native_library.cpu_isa() or "scalar"} <= isas
+  steps = ("unfused", "fused")
+  assert cases == {(isa, family, step) for isa in isas for family in ("adam", "momentum") for step in steps}
+  assert all(float(value) > 0 for row in rows for value in row[3:])
