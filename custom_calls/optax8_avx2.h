@@ -74,22 +74,16 @@ struct Avx2 {
     }
   }
 
-  // Encode<kSigned> of eight values (EncodeSum's operations per lane), stored as eight bytes.
-  // (Here a gather beats scalar lookups: the index and the sum need the value's bits in a
-  // vector anyway.)
+  // Encode<kSigned> of eight values (EncodeSum's sum per lane, from the direct table), stored
+  // as eight bytes. (Here a gather beats scalar lookups: the index and the sum need the value's
+  // bits in a vector anyway.)
   template <bool kSigned>
   OPTAX8_HD static void Encode(Vec x, uint8_t* codes) {
-    const auto& table = EncodeTableFor<kSigned>();
-    using Table = EncodeTable<kSigned ? 6 : 7>;
-    constexpr int kSubBits = 23 - Table::kKeyBits;
+    using Table = typename DirectEncodeTable<kSigned>::Table;
     const __m256i bits = _mm256_castps_si256(x.v);
     const __m256i sign = _mm256_srai_epi32(bits, 31);
-    const __m256i bucket = _mm256_srli_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF)), Table::kKeyBits);
-    const __m256i floor = kSigned ? _mm256_setzero_si256() : _mm256_min_epi32(bucket, _mm256_set1_epi32(1));
-    __m256i row_sub = _mm256_sub_epi32(bucket, _mm256_set1_epi32((kMinExponent - 1) << kSubBits));
-    row_sub = _mm256_min_epi32(_mm256_max_epi32(row_sub, floor), _mm256_set1_epi32((kRows << kSubBits) - 1));
-    const __m256i index = _mm256_or_si256(row_sub, _mm256_and_si256(sign, _mm256_set1_epi32(kRows << kSubBits)));
-    const __m256i entry = _mm256_i32gather_epi32(table.entry, index, 4);
+    const __m256i entry =
+        _mm256_i32gather_epi32(kDirectEncode<kSigned>.entry, _mm256_srli_epi32(bits, Table::kKeyBits), 4);
     const __m256i position = _mm256_and_si256(_mm256_xor_si256(bits, sign), _mm256_set1_epi32(Table::kKeyMask));
     const __m256i code = _mm256_srli_epi32(_mm256_add_epi32(entry, position), 24);
     const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));

@@ -122,20 +122,15 @@ struct Avx512 {
     for (; j < n; ++j) values[j] = entries[codes[j]];
   }
 
-  // Encode<kSigned> of sixteen values (EncodeSum's operations per lane), stored as sixteen bytes.
+  // Encode<kSigned> of sixteen values (EncodeSum's sum per lane, from the direct table), stored
+  // as sixteen bytes.
   template <bool kSigned>
   OPTAX8_HD static void Encode(Vec x, uint8_t* codes) {
-    const auto& table = EncodeTableFor<kSigned>();
-    using Table = EncodeTable<kSigned ? 6 : 7>;
-    constexpr int kSubBits = 23 - Table::kKeyBits;
+    using Table = typename DirectEncodeTable<kSigned>::Table;
     const __m512i bits = _mm512_castps_si512(x.v);
     const __m512i sign = _mm512_srai_epi32(bits, 31);
-    const __m512i bucket = _mm512_srli_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)), Table::kKeyBits);
-    const __m512i floor = kSigned ? _mm512_setzero_si512() : _mm512_min_epi32(bucket, _mm512_set1_epi32(1));
-    __m512i row_sub = _mm512_sub_epi32(bucket, _mm512_set1_epi32((kMinExponent - 1) << kSubBits));
-    row_sub = _mm512_min_epi32(_mm512_max_epi32(row_sub, floor), _mm512_set1_epi32((kRows << kSubBits) - 1));
-    const __m512i index = _mm512_or_si512(row_sub, _mm512_and_si512(sign, _mm512_set1_epi32(kRows << kSubBits)));
-    const __m512i entry = _mm512_i32gather_epi32(index, table.entry, 4);
+    const __m512i entry = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, Table::kKeyBits),
+                                                 kDirectEncode<kSigned>.entry, 4);
     const __m512i position = _mm512_and_si512(_mm512_xor_si512(bits, sign), _mm512_set1_epi32(Table::kKeyMask));
     const __m512i code = _mm512_srli_epi32(_mm512_add_epi32(entry, position), 24);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(code));

@@ -358,19 +358,23 @@ OPTAX8_HD const auto& EncodeTableFor() {
 // codes with byte permutes needs no shift. Signed 32-bit arithmetic throughout, which
 // vectorizes best; the SIMD encoders do the same operations per lane.
 template <bool kSigned, class Table>
-OPTAX8_HD uint32_t EncodeSum(float x, const Table& table) {
+OPTAX8_HD constexpr int32_t EncodeIndex(int32_t bits) {
   constexpr int kSubBits = 23 - Table::kKeyBits;
-  const int32_t bits = static_cast<int32_t>(FloatToBits(x));
   const int32_t bucket = (bits & 0x7FFFFFFF) >> Table::kKeyBits;
   // Row 0 of the unsigned map: sub-bucket 0 for bucket 0 alone (+0 is there), 1 for other tiny x.
   const int32_t floor = kSigned ? 0 : (bucket < 1 ? bucket : 1);
   int32_t row_sub = bucket - ((kMinExponent - 1) << kSubBits);
   constexpr int32_t kLastRowSub = (kRows << kSubBits) - 1;
   row_sub = row_sub < floor ? floor : (row_sub > kLastRowSub ? kLastRowSub : row_sub);
-  const int32_t sign = bits >> 31;
-  const int32_t entry = table.entry[row_sub | (sign & (kRows << kSubBits))];
+  return row_sub | ((bits >> 31) & (kRows << kSubBits));
+}
+
+template <bool kSigned, class Table>
+OPTAX8_HD uint32_t EncodeSum(float x, const Table& table) {
+  const int32_t bits = static_cast<int32_t>(FloatToBits(x));
+  const int32_t entry = table.entry[EncodeIndex<kSigned, Table>(bits)];
   // Position within the bucket in value order: negative floats order by decreasing magnitude.
-  const int32_t position = (bits ^ sign) & Table::kKeyMask;
+  const int32_t position = (bits ^ (bits >> 31)) & Table::kKeyMask;
   return static_cast<uint32_t>(entry) + static_cast<uint32_t>(position);
 }
 
@@ -378,6 +382,36 @@ template <bool kSigned>
 OPTAX8_HD uint32_t Encode(float x) {
   return EncodeSum<kSigned>(x, EncodeTableFor<kSigned>()) >> 24;
 }
+
+// An encode table's entries indexed by a float's bits >> kKeyBits (sign, exponent and sub-bits)
+// rather than by EncodeIndex, whose clamping to the table's rows is folded into the copies: a
+// vector encoder's gather index is then one shift. 128 KB for the signed map and 256 KB for the
+// unsigned one, of which the values of a block over its absmax touch a few KB; the vector
+// encoders (optax8_avx2.h, optax8_avx512.h) use them, the scalar and CUDA ones the compact tables.
+template <bool kSigned>
+struct DirectEncodeTable {
+  using Table = EncodeTable<kSigned ? 6 : 7>;
+  int32_t entry[1 << (32 - Table::kKeyBits)];
+};
+
+template <bool kSigned>
+constexpr DirectEncodeTable<kSigned> MakeDirectEncodeTable() {
+  using Table = typename DirectEncodeTable<kSigned>::Table;
+  const Table* table = nullptr;
+  if constexpr (kSigned) {
+    table = &kSignedEncode;
+  } else {
+    table = &kUnsignedEncode;
+  }
+  DirectEncodeTable<kSigned> direct{};
+  for (uint32_t i = 0; i < (1u << (32 - Table::kKeyBits)); ++i) {
+    direct.entry[i] = table->entry[EncodeIndex<kSigned, Table>(static_cast<int32_t>(i << Table::kKeyBits))];
+  }
+  return direct;
+}
+
+template <bool kSigned>
+inline constexpr DirectEncodeTable<kSigned> kDirectEncode = MakeDirectEncodeTable<kSigned>();
 
 template <bool kSigned>
 OPTAX8_HD float Decode(uint32_t code, float absmax) {
