@@ -166,9 +166,9 @@ OPTAX8_HD void EncodeBlock(const float* __restrict__ values, float scale, int64_
 // step's divisions and square roots instead of following them.
 template <int K>
 struct PendingCodes {
-  const float* moments[K];
-  float scale[K];  // 1 / the moment's new absmax
-  uint8_t* codes[K];
+  const float* moments[K] = {};
+  float scale[K] = {};  // 1 / the moment's new absmax
+  uint8_t* codes[K] = {};
   int64_t n = 0;     // elements; 0 when nothing waits
   int64_t done = 0;  // elements encoded so far
 };
