@@ -355,8 +355,9 @@ OPTAX8_HD const auto& EncodeTableFor() {
 // make a step up to 1/eps too large. Exact for every float of magnitude below 2, and NaN.
 //
 // EncodeSum returns (entry + position), whose top byte is the code, so that a kernel packing
-// codes with byte permutes needs no shift. Signed 32-bit arithmetic throughout, which
-// vectorizes best; the SIMD encoders do the same operations per lane.
+// codes with byte permutes needs no shift; EncodeIndex is the entry's place in the table.
+// Signed 32-bit arithmetic throughout, which vectorizes best; the SIMD encoders compute the same
+// sum per lane, with the entry from kDirectEncode (below).
 template <bool kSigned, class Table>
 OPTAX8_HD constexpr int32_t EncodeIndex(int32_t bits) {
   constexpr int kSubBits = 23 - Table::kKeyBits;
