@@ -28,8 +28,9 @@ Run from the repository root::
 
 XLA:CPU allocates a step's temporaries afresh on every call, and glibc's malloc returns such
 large blocks to the kernel when they are freed, so each step page-faults them in again: this
-weighs on the reference path (about 16 bytes of temporaries per parameter), not on the kernel
-or optax steps (none). To time it with freed memory kept in the process::
+weighs on the reference path (about 21 bytes of temporaries per parameter) and on the kernel
+step under donate (0, 1) (XLA's copy of the gradient, 4 bytes), not on the other kernel or optax
+steps (none). To time them with freed memory kept in the process::
 
   MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python -m benchmarks.step_time
 """
