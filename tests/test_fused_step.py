@@ -147,15 +147,49 @@ def test_fused_bfloat16_step_stays_within_bfloat16_rounding(implementation):
   _assert_same(want_params, want_state, got_params, got_state, rtol=1e-2, atol=1e-2)
 
 
-def test_fused_step_of_float32_parameters_with_bfloat16_gradients_matches_the_unfused_step(implementation):
+MIXED_DTYPES = [(jnp.float32, jnp.bfloat16), (jnp.float32, jnp.float16), (jnp.bfloat16, jnp.float32)]
+MIXED_IDS = ["float32_params_bfloat16_grads", "float32_params_float16_grads", "bfloat16_params_float32_grads"]
+
+
+def _mixed(param_dtype, grad_dtype):
+  params = _params(param_dtype)
+  return params, jax.tree.map(lambda g: g.astype(grad_dtype), _grads(params, 0))
+
+
+@pytest.mark.parametrize("param_dtype,grad_dtype", MIXED_DTYPES, ids=MIXED_IDS)
+def test_fused_step_of_parameters_and_gradients_of_different_dtypes_matches_the_unfused_step(
+    param_dtype, grad_dtype, implementation):
   tx = optax8.adamw8bit(1e-2, weight_decay=0.1)
-  params = _params()
-  grads = jax.tree.map(lambda g: g.astype(jnp.bfloat16), _grads(params, 0))
+  params, grads = _mixed(param_dtype, grad_dtype)
   want_params, want_state = jax.jit(_unfused_step(tx))(params, tx.init(params), grads)
   got_params, got_state = jax.jit(optax8.fused(tx).step)(params, tx.init(params), grads)
-  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(got_params))
-  # The unfused update is rounded to bfloat16 before it is applied; the fused one is not.
-  _assert_same(want_params, want_state, got_params, got_state, rtol=1e-2, atol=1e-4)
+  assert all(p.dtype == param_dtype for p in jax.tree.leaves(got_params))
+  # The unfused update is rounded to the gradient's dtype before it is applied; the fused one is not.
+  tolerance = 1e-2 if param_dtype == jnp.bfloat16 else 1e-4
+  _assert_same(want_params, want_state, got_params, got_state, rtol=1e-2, atol=tolerance)
+
+
+@pytest.mark.parametrize("param_dtype,grad_dtype", MIXED_DTYPES, ids=MIXED_IDS)
+def test_fused_step_of_different_dtypes_runs_on_the_kernel_in_place_and_equals_the_reference(param_dtype, grad_dtype):
+  if not native_library.usable("cpu"):
+    pytest.skip("no CPU kernel")
+  fused = optax8.fused(optax.chain(optax.clip_by_global_norm(1.0), optax8.adamw8bit(1e-2, weight_decay=0.1)))
+  params, grads = ({k: tree[k] for k in ("w", "v")} for tree in _mixed(param_dtype, grad_dtype))  # 8-bit state
+  donated = jax.jit(fused.step, donate_argnums=(0, 1))
+  text = donated.lower(params, fused.init(params), grads).compile().as_text()
+  calls = [line for line in text.splitlines() if "custom-call" in line and native_library.TARGET in line]
+  assert len(calls) == 2
+  if param_dtype == jnp.float32:
+    assert " copy(" not in text  # the kernel overwrites the donated parameter
+  optax8.set_implementation("reference")
+  try:
+    want = jax.jit(fused.step)(params, fused.init(params), grads)
+  finally:
+    optax8.set_implementation(None)
+  got = donated(params, fused.init(params), grads)
+  # Float32 rounding apart (XLA may contract the reference's expression), then the parameter's own.
+  tolerance = 1e-2 if param_dtype == jnp.bfloat16 else 1e-6
+  _assert_same(*want, *got, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize(

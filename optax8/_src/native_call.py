@@ -36,7 +36,7 @@ def applies(family: update_math.Family, static: Mapping[str, Any], g: jax.Array,
   flags = set(family.flags) | set(update_math.COMMON_FLAGS)
   return (
       set(scalars) == set(_scalar_names(family, static))
-      and (param is None or (jnp.dtype(param.dtype) == jnp.dtype(g.dtype) and param.shape == g.shape))
+      and (param is None or (jnp.dtype(param.dtype) in KERNEL_DTYPES and param.shape == g.shape))
       and all(jnp.ndim(v) == 0 for v in scalars.values())
       and set(static) <= flags
       and all(qz.is_quantized(m) for m in moments)
@@ -51,7 +51,14 @@ def update(family: update_math.Family, static: Mapping[str, Any], g: jax.Array,
            moments: Sequence[qz.QuantizedArray], scalars: Mapping[str, jax.Array], param: jax.Array | None = None
            ) -> tuple[jax.Array, list[qz.QuantizedArray]]:
   """One parameter's update (or, given ``param`` under ``apply``, its new value) as one FFI call
-  (CPU or CUDA kernel), on each device's own blocks."""
+  (CPU or CUDA kernel), on each device's own blocks.
+
+  A parameter whose dtype differs from its gradient's steps in float32 (both converted, exactly,
+  and the new parameter rounded back once), as the reference computes it.
+  """
+  param_dtype = None if param is None else param.dtype
+  if param is not None and jnp.dtype(param.dtype) != jnp.dtype(g.dtype):
+    g, param = g.astype(jnp.float32), param.astype(jnp.float32)
   hp = jnp.stack([jnp.asarray(scalars[name], jnp.float32) for name in _scalar_names(family, static)])
   state = [x for m in moments for x in (m.codes, m.absmax)]
   tensors = [] if param is None else [param]
@@ -77,6 +84,8 @@ def update(family: update_math.Family, static: Mapping[str, Any], g: jax.Array,
   # Partitioned with the operands' sharding; under vmap, batched operands are more rows.
   new_update, *new_state = sharding_lib.partitioned_by_blocks(call, moments[0].block_size, len(tensors))(
       g, hp, *state, *tensors)
+  if param_dtype is not None:
+    new_update = new_update.astype(param_dtype)
   return new_update, [
       qz.QuantizedArray(new_state[2 * k], new_state[2 * k + 1], m.block_size, m.signed)
       for k, m in enumerate(moments)
