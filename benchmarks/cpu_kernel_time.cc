@@ -122,7 +122,7 @@ int main(int argc, char** argv) {
         std::memcpy(hp + family.scalars, apply, sizeof(apply));
         optax8::Job job{};
         job.family = family.id;
-        job.dtype = optax8::GradientType::kF32;
+        job.dtype = job.param_dtype = optax8::ElementType::kF32;
         job.g = g.data();
         job.update = fused ? static_cast<void*>(p.data()) : g.data();
         job.param = fused ? p.data() : nullptr;

@@ -65,7 +65,7 @@ namespace {
 template <class F, bool kWalk>
 __global__ void __launch_bounds__(kThreads, F::kMoments > 2 ? 2 : 3) SassProbe(const Job job, const Walk walk) {
   LoadSharedTables<F>();
-  if (kWalk) WalkBlocks<F, 0, float>(job, walk, [](int64_t, int64_t) { return BlockShape{256, true}; });
+  if (kWalk) WalkBlocks<F, 0, float, float>(job, walk, [](int64_t, int64_t) { return BlockShape{256, true}; });
 }
 }  // namespace
 }  // namespace optax8
@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kThreads, F::kMoments > 2 ? 2 : 3) SassProbe(c
   std::printf("%s %zu %p %p %p\\n", #F, optax8::kSharedTableBytes<optax8::F>,        \\
               reinterpret_cast<void*>(&optax8::SassProbe<optax8::F, true>),          \\
               reinterpret_cast<void*>(&optax8::SassProbe<optax8::F, false>),         \\
-              reinterpret_cast<void*>(&optax8::UpdateKernel<optax8::F, 0, float>));
+              reinterpret_cast<void*>(&optax8::UpdateKernel<optax8::F, 0, float, float>));
 
 int main() {
   OPTAX8_PROBE(Adam) OPTAX8_PROBE(Momentum) OPTAX8_PROBE(Lion) OPTAX8_PROBE(Rmsprop)

@@ -47,7 +47,11 @@ OPTAX8_HD Mask8 Finite(Vec8 x) {
   const __m256i infinite = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(x.v), exponent), exponent);
   return {_mm256_castsi256_ps(_mm256_xor_si256(infinite, _mm256_set1_epi32(-1)))};
 }
-OPTAX8_HD Mask8 NonZero(Vec8 x) { return {_mm256_cmp_ps(x.v, _mm256_setzero_ps(), _CMP_NEQ_UQ)}; }
+// As the scalar NonZero, from the bits.
+OPTAX8_HD Mask8 NonZero(Vec8 x) {
+  const __m256i magnitude = _mm256_and_si256(_mm256_castps_si256(x.v), _mm256_set1_epi32(0x7FFFFFFF));
+  return {_mm256_castsi256_ps(_mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x007FFFFF)))};
+}
 // x, with +0 in the lanes where keep is clear.
 OPTAX8_HD Vec8 Masked(Vec8 x, Mask8 keep) { return _mm256_and_ps(x.v, keep.v); }
 

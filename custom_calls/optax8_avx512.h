@@ -43,7 +43,11 @@ OPTAX8_HD Mask16 Finite(Vec16 x) {
   const __m512i exponent = _mm512_set1_epi32(0x7F800000);
   return {_mm512_cmpneq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(x.v), exponent), exponent)};
 }
-OPTAX8_HD Mask16 NonZero(Vec16 x) { return {_mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_NEQ_UQ)}; }
+// As the scalar NonZero, from the bits.
+OPTAX8_HD Mask16 NonZero(Vec16 x) {
+  const __m512i magnitude = _mm512_and_si512(_mm512_castps_si512(x.v), _mm512_set1_epi32(0x7FFFFFFF));
+  return {_mm512_cmpgt_epi32_mask(magnitude, _mm512_set1_epi32(0x007FFFFF))};
+}
 // x, with +0 in the lanes where keep is clear.
 OPTAX8_HD Vec16 Masked(Vec16 x, Mask16 keep) { return _mm512_maskz_mov_ps(keep.k, x.v); }
 

@@ -83,12 +83,12 @@ OPTAX8_HD uint16_t FloatToHalf(float f) {
 
 OPTAX8_HD const float* GradientAsFloat(const Job& job, int64_t offset, int64_t n, float* out) {
   switch (job.dtype) {
-    case GradientType::kBF16: {
+    case ElementType::kBF16: {
       const uint16_t* g = static_cast<const uint16_t*>(job.g) + offset;
       for (int64_t j = 0; j < n; ++j) out[j] = Bf16ToFloat(g[j]);
       return out;
     }
-    case GradientType::kF16: {
+    case ElementType::kF16: {
       const uint16_t* g = static_cast<const uint16_t*>(job.g) + offset;
       for (int64_t j = 0; j < n; ++j) out[j] = HalfToFloat(g[j]);
       return out;
@@ -100,14 +100,14 @@ OPTAX8_HD const float* GradientAsFloat(const Job& job, int64_t offset, int64_t n
 
 // Where the block's float32 update goes: the result itself, or scratch for 16-bit results.
 OPTAX8_HD float* UpdateAsFloat(const Job& job, int64_t offset, float* scratch) {
-  return job.dtype == GradientType::kF32 ? static_cast<float*>(job.update) + offset : scratch;
+  return job.dtype == ElementType::kF32 ? static_cast<float*>(job.update) + offset : scratch;
 }
 
 OPTAX8_HD void StoreHalfUpdate(const Job& job, int64_t offset, int64_t n, const float* u) {
   uint16_t* out = static_cast<uint16_t*>(job.update) + offset;
-  if (job.dtype == GradientType::kBF16) {
+  if (job.dtype == ElementType::kBF16) {
     for (int64_t j = 0; j < n; ++j) out[j] = FloatToBf16(u[j]);
-  } else if (job.dtype == GradientType::kF16) {
+  } else if (job.dtype == ElementType::kF16) {
     for (int64_t j = 0; j < n; ++j) out[j] = FloatToHalf(u[j]);
   }
 }
@@ -131,7 +131,7 @@ OPTAX8_HD void ApplyLoop(int64_t n, const float* u, const ApplyScalars& a, Load 
 }
 
 OPTAX8_HD void StoreParameter(const Job& job, int64_t offset, int64_t n, const float* u, const ApplyScalars& a) {
-  if (job.dtype == GradientType::kF32) {
+  if (job.param_dtype == ElementType::kF32) {
     const float* p = static_cast<const float*>(job.param) + offset;
     float* out = static_cast<float*>(job.update) + offset;
     ApplyLoop(n, u, a, [&](int64_t j) { return p[j]; }, [&](int64_t j, float x) { out[j] = x; });
@@ -139,7 +139,7 @@ OPTAX8_HD void StoreParameter(const Job& job, int64_t offset, int64_t n, const f
   }
   const uint16_t* p = static_cast<const uint16_t*>(job.param) + offset;
   uint16_t* out = static_cast<uint16_t*>(job.update) + offset;
-  if (job.dtype == GradientType::kBF16) {
+  if (job.param_dtype == ElementType::kBF16) {
     ApplyLoop(n, u, a, [&](int64_t j) { return Bf16ToFloat(p[j]); },
               [&](int64_t j, float x) { out[j] = FloatToBf16(x); });
   } else {
@@ -187,12 +187,13 @@ OPTAX8_HD void FinishCodes(std::index_sequence<k...>, PendingCodes<F::kMoments>&
 template <int K>
 OPTAX8_HD void PrefetchElements(const Job& job, int64_t offset, int64_t n) {
   constexpr int64_t kLine = 64;
-  const int64_t width = job.dtype == GradientType::kF32 ? 4 : 2;
+  const int64_t width = job.dtype == ElementType::kF32 ? 4 : 2;
   const char* g = static_cast<const char*>(job.g) + offset * width;
   for (int64_t b = 0; b < n * width; b += kLine) __builtin_prefetch(g + b, 1, 3);
   if (job.param != nullptr) {
-    const char* p = static_cast<const char*>(job.param) + offset * width;
-    for (int64_t b = 0; b < n * width; b += kLine) __builtin_prefetch(p + b, 1, 3);
+    const int64_t param_width = job.param_dtype == ElementType::kF32 ? 4 : 2;
+    const char* p = static_cast<const char*>(job.param) + offset * param_width;
+    for (int64_t b = 0; b < n * param_width; b += kLine) __builtin_prefetch(p + b, 1, 3);
   }
   for (int k = 0; k < K; ++k) {
     for (int64_t b = 0; b < n; b += kLine) __builtin_prefetch(job.moments[k].codes + offset + b, 1, 3);

@@ -25,10 +25,10 @@ namespace ffi = xla::ffi;
 namespace optax8 {
 namespace {
 
-template <class F, int kFlags, class T>
+template <class F, int kFlags, class T, class P>
 cudaError_t Launch(cudaStream_t stream, const Job& job) {
   constexpr size_t kShared = kSharedTableBytes<F>;
-  const auto kernel = &UpdateKernel<F, kFlags, T>;
+  const auto kernel = &UpdateKernel<F, kFlags, T, P>;
   int device = 0;
   int processors = 0;
   cudaError_t status = cudaGetDevice(&device);
@@ -65,8 +65,9 @@ ffi::Error UpdateImpl(cudaStream_t stream, ffi::AnyBuffer g, ffi::Buffer<ffi::F3
   }
 
   cudaError_t status = cudaSuccess;
-  VisitKernel(job, [&](auto family, auto flags, auto* type) {
-    status = Launch<decltype(family), decltype(flags)::value, std::remove_pointer_t<decltype(type)>>(stream, job);
+  VisitKernel(job, [&](auto family, auto flags, auto* type, auto* param_type) {
+    status = Launch<decltype(family), decltype(flags)::value, std::remove_pointer_t<decltype(type)>,
+                    std::remove_pointer_t<decltype(param_type)>>(stream, job);
   });
   if (status != cudaSuccess) {
     // The error may also come from earlier asynchronous work on this device.

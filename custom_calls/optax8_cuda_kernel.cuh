@@ -118,18 +118,19 @@ __device__ __forceinline__ void StoreItems(T* p, const float (&x)[kItems]) {
 // kernel); elements whose gradient is not zero set `touched`. Stores the update when kStore (it
 // needs no absmax, so it leaves the registers at once). Elements at or past n compute on zeros
 // and are never stored (kContiguous: n is kChunk).
-// Under the fused apply step (kApply in kFlags: job.param) the gradient is clipped first and the
-// new parameter stored in place of the update. A template flag, so that the update's kernels carry
-// none of its code.
-template <class F, int kFlags, class T, bool kStore, bool kContiguous>
+// Under the fused apply step (kApply in kFlags: job.param, of type P) the gradient is clipped
+// first and the new parameter stored in place of the update. A template flag, so that the update's
+// kernels carry none of its code.
+template <class F, int kFlags, class T, class P, bool kStore, bool kContiguous>
 __device__ __forceinline__ void StepChunk(const Job& job, int64_t start, int n, int lane,
                                           const float (&absmax)[F::kMoments], const typename F::Consts& consts,
                                           const ApplyScalars& apply, Chunk<F::kMoments>& out, bool& touched) {
   constexpr int K = F::kMoments;
-  const T* g = static_cast<const T*>(job.g) + start;
-  const T* p = static_cast<const T*>(job.param) + start;
-  T* u = static_cast<T*>(job.update) + start;
   constexpr bool kApplies = (kFlags & kApply) != 0;
+  using Result = std::conditional_t<kApplies, P, T>;  // the update's type, or the new parameter's
+  const T* g = static_cast<const T*>(job.g) + start;
+  const P* p = static_cast<const P*>(job.param) + start;
+  Result* u = static_cast<Result*>(job.update) + start;
   const bool clips = kApplies && apply.Clips();  // the same for the whole grid
   float grad[kItems];
   float param[kItems];
@@ -168,7 +169,7 @@ __device__ __forceinline__ void StepChunk(const Job& job, int64_t start, int n, 
       // In place when the update aliases the gradient: every element was read above; the
       // parameter's element is read just before its new value overwrites it.
       const int j = ItemIndex<false>(lane, i);
-      if (j < n) u[j] = FromFloat<T>(kApplies ? AppliedParameter(ToFloat(p[j]), update[i], apply) : update[i]);
+      if (j < n) u[j] = FromFloat<Result>(kApplies ? AppliedParameter(ToFloat(p[j]), update[i], apply) : update[i]);
     }
   }
   if constexpr (kContiguous && kStore) {
@@ -280,7 +281,7 @@ __device__ __forceinline__ void StoreCodes(const Job& job, int64_t start, int n,
 
 // Updates the quantization block `block`: its n elements start at `offset` (kContiguous: n is
 // kChunk, and offset a multiple of kItems).
-template <class F, int kFlags, class T, bool kContiguous>
+template <class F, int kFlags, class T, class P, bool kContiguous>
 __device__ __forceinline__ void UpdateBlock(const Job& job, int64_t block, int64_t offset, int64_t n, int lane,
                                             const typename F::Consts& consts, const ApplyScalars& apply) {
   constexpr int K = F::kMoments;
@@ -301,7 +302,7 @@ __device__ __forceinline__ void UpdateBlock(const Job& job, int64_t block, int64
     // Longer than a chunk: the peak first, then each chunk again to store it.
     for (int64_t base = 0; base < n; base += kChunk) {
       const int m = static_cast<int>(min(static_cast<int64_t>(kChunk), n - base));
-      StepChunk<F, kFlags, T, false, false>(job, offset + base, m, lane, absmax, consts, apply, chunk, touched);
+      StepChunk<F, kFlags, T, P, false, false>(job, offset + base, m, lane, absmax, consts, apply, chunk, touched);
       AccumulatePeak<F, false>(chunk, m, lane, peaks);
     }
     WarpPeak<F>(peaks, peak);
@@ -309,7 +310,7 @@ __device__ __forceinline__ void UpdateBlock(const Job& job, int64_t block, int64
   }
   for (int64_t base = 0; base < n; base += kChunk) {
     const int m = static_cast<int>(min(static_cast<int64_t>(kChunk), n - base));
-    StepChunk<F, kFlags, T, true, kContiguous>(job, offset + base, m, lane, absmax, consts, apply, chunk, touched);
+    StepChunk<F, kFlags, T, P, true, kContiguous>(job, offset + base, m, lane, absmax, consts, apply, chunk, touched);
     if (kContiguous || n <= kChunk) {
       AccumulatePeak<F, kContiguous>(chunk, m, lane, peaks);
       WarpPeak<F>(peaks, peak);
@@ -367,7 +368,7 @@ __device__ __noinline__ Group<F> PrepareGroup(const Job& job, uint32_t group) {
 // synchronises in here) with 32-bit block numbers (the host checks that they fit);
 // shape(offset, column) is the length of the block starting at element `offset`, column
 // `column`, and whether it takes the contiguous path.
-template <class F, int kFlags, class T, class Shape>
+template <class F, int kFlags, class T, class P, class Shape>
 __device__ __forceinline__ void WalkBlocks(const Job& job, const Walk& walk, Shape shape) {
   const int lane = threadIdx.x % kWarp;
   const uint32_t warps = gridDim.x * kWarpsPerBlock;
@@ -386,9 +387,9 @@ __device__ __forceinline__ void WalkBlocks(const Job& job, const Walk& walk, Sha
     const int64_t offset = static_cast<int64_t>(row) * job.row_length + column;
     const auto [n, contiguous] = shape(offset, column);
     if (contiguous) {
-      UpdateBlock<F, kFlags, T, true>(job, block, offset, kChunk, lane, prepared.consts, prepared.apply);
+      UpdateBlock<F, kFlags, T, P, true>(job, block, offset, kChunk, lane, prepared.consts, prepared.apply);
     } else {
-      UpdateBlock<F, kFlags, T, false>(job, block, offset, n, lane, prepared.consts, prepared.apply);
+      UpdateBlock<F, kFlags, T, P, false>(job, block, offset, n, lane, prepared.consts, prepared.apply);
     }
   }
 }
@@ -400,10 +401,10 @@ struct BlockShape {
 
 // Registers bound the thread blocks per multiprocessor (the tables allow 4 on sm_90, 3 on
 // sm_80); 3 (2 with three moments) leave enough registers to hold a chunk with little spilling.
-template <class F, int kFlags, class T>
+template <class F, int kFlags, class T, class P>
 __global__ void __launch_bounds__(kThreads, F::kMoments > 2 ? 2 : 3) UpdateKernel(const Job job, const Walk walk) {
   LoadSharedTables<F>();
-  WalkBlocks<F, kFlags, T>(job, walk, [&](int64_t offset, int64_t column) {
+  WalkBlocks<F, kFlags, T, P>(job, walk, [&](int64_t offset, int64_t column) {
     const int64_t n = min(job.block_size, job.row_length - column);
     return BlockShape{n, walk.aligned && n == kChunk && offset % kItems == 0};
   });
@@ -424,19 +425,27 @@ Walk WalkOf(const Job& job) {
           aligned};
 }
 
-// Calls visit(F{}, FlagsTag<flags>{}, static_cast<T*>(nullptr)) for the kernel that runs `job`
-// (host code): its family F, its flags (with kApply under the fused apply step) and its
-// gradient type T. `job` is a PrepareJob result, so the family and flags are known ones.
+// Calls visit(F{}, FlagsTag<flags>{}, static_cast<T*>(nullptr), static_cast<P*>(nullptr)) for the
+// kernel that runs `job` (host code): its family F, its flags (with kApply under the fused apply
+// step), its gradient type T and its parameter type P (T, or float under the fused apply step).
+// `job` is a PrepareJob result, so the family, flags and types are known ones.
 template <class Visit>
 void VisitKernel(const Job& job, Visit&& visit) {
   VisitFamily(job.family, [&](auto family) {
     VisitFlags<decltype(family)>(job.flags, [&](auto flags) {
       constexpr int kFlags = decltype(flags)::value;
+      auto with_types = [&](auto all_flags, auto* type) {
+        using T = std::remove_pointer_t<decltype(type)>;
+        if constexpr ((decltype(all_flags)::value & kApply) != 0 && !std::is_same_v<T, float>) {
+          if (job.param_dtype == ElementType::kF32) return visit(family, all_flags, type, static_cast<float*>(nullptr));
+        }
+        return visit(family, all_flags, type, type);
+      };
       auto with_flags = [&](auto all_flags) {
         switch (job.dtype) {
-          case GradientType::kBF16: return visit(family, all_flags, static_cast<__nv_bfloat16*>(nullptr));
-          case GradientType::kF16: return visit(family, all_flags, static_cast<__half*>(nullptr));
-          default: return visit(family, all_flags, static_cast<float*>(nullptr));
+          case ElementType::kBF16: return with_types(all_flags, static_cast<__nv_bfloat16*>(nullptr));
+          case ElementType::kF16: return with_types(all_flags, static_cast<__half*>(nullptr));
+          default: return with_types(all_flags, static_cast<float*>(nullptr));
         }
       };
       if (job.param != nullptr) {

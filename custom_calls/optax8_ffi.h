@@ -7,8 +7,8 @@
 // (g's dtype and shape), then the new codes and absmax of each moment. Attributes: family
 // (optax8_math.h's family names, in lower case), block_size, flags (the Flag bits) and signed
 // (bit k: moment k uses the signed map). Under the kApply flag (the fused apply step) the
-// parameter (g's dtype and shape) follows the state, hp holds kApplyScalars more scalars, and
-// the first result is the new parameter instead of the update.
+// parameter (g's shape; g's dtype or f32) follows the state, hp holds kApplyScalars more
+// scalars, and the first result is the new parameter (the parameter's dtype) instead of the update.
 #ifndef OPTAX8_CUSTOM_CALLS_OPTAX8_FFI_H_
 #define OPTAX8_CUSTOM_CALLS_OPTAX8_FFI_H_
 
@@ -54,6 +54,13 @@ inline bool SameDims(xla::ffi::Span<const int64_t> a, xla::ffi::Span<const int64
   return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
 }
 
+// One of the kernels' element types (F32, BF16 or F16).
+inline ElementType ElementTypeOf(xla::ffi::DataType dtype) {
+  return dtype == xla::ffi::DataType::BF16  ? ElementType::kBF16
+         : dtype == xla::ffi::DataType::F16 ? ElementType::kF16
+                                            : ElementType::kF32;
+}
+
 // Checks the call's operands and results against family F's layout and describes them in job.
 template <class F>
 xla::ffi::Error DescribeJob(xla::ffi::AnyBuffer g, xla::ffi::Buffer<xla::ffi::F32> hp, xla::ffi::RemainingArgs state,
@@ -70,14 +77,8 @@ xla::ffi::Error DescribeJob(xla::ffi::AnyBuffer g, xla::ffi::Buffer<xla::ffi::F3
   if (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F16) {
     return ffi::Error::InvalidArgument("optax8: the gradient must be float32, bfloat16 or float16");
   }
-  const GradientType gradient_type = dtype == ffi::DataType::BF16  ? GradientType::kBF16
-                                     : dtype == ffi::DataType::F16 ? GradientType::kF16
-                                                                   : GradientType::kF32;
   const auto dims = g.dimensions();
   if (dims.size() == 0 || block_size <= 0) return ffi::Error::InvalidArgument("optax8: bad rank or block size");
-  if (update->element_type() != dtype || !SameDims(update->dimensions(), dims)) {
-    return ffi::Error::InvalidArgument("optax8: the update must match the gradient");
-  }
   const int64_t row_length = dims.back();
   const int64_t elements = static_cast<int64_t>(g.element_count());
   const int64_t rows = row_length == 0 ? 0 : elements / row_length;
@@ -87,15 +88,24 @@ xla::ffi::Error DescribeJob(xla::ffi::AnyBuffer g, xla::ffi::Buffer<xla::ffi::F3
   const ffi::Span<const int64_t> expected(absmax_dims.data(), absmax_dims.size());
 
   const void* param = nullptr;
+  ffi::DataType param_dtype = dtype;
   if (apply) {
     auto p = state.get<ffi::AnyBuffer>(2 * K);
-    if (p.has_error() || p->element_type() != dtype || !SameDims(p->dimensions(), dims)) {
-      return ffi::Error::InvalidArgument("optax8: the parameter must match the gradient");
+    if (p.has_error() || !SameDims(p->dimensions(), dims) ||
+        (p->element_type() != dtype && p->element_type() != ffi::DataType::F32)) {
+      return ffi::Error::InvalidArgument("optax8: the parameter must have the gradient's shape, and its dtype or float32");
     }
     param = p->untyped_data();
+    param_dtype = p->element_type();
+  }
+  // The first result: the update (the gradient's dtype), or the new parameter (the parameter's).
+  if (update->element_type() != param_dtype || !SameDims(update->dimensions(), dims)) {
+    return ffi::Error::InvalidArgument(apply ? "optax8: the new parameter must match the parameter"
+                                             : "optax8: the update must match the gradient");
   }
   const int64_t hp_stride = F::kNumScalars + (apply ? kApplyScalars : 0);
-  *job = Job{job->family, job->flags & ~kApply, gradient_type, g.untyped_data(), update->untyped_data(), param,
+  *job = Job{job->family, job->flags & ~kApply, ElementTypeOf(dtype), ElementTypeOf(param_dtype), g.untyped_data(),
+             update->untyped_data(), param,
              hp.typed_data(), hp_stride, row_length, row_blocks, block_size, 1, rows * row_blocks, {}};
   for (int k = 0; k < K; ++k) {
     auto codes = state.get<ffi::Buffer<ffi::U8>>(2 * k);

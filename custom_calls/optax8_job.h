@@ -43,7 +43,8 @@ constexpr int kMaxMoments = 3;
 // sets of moments).
 constexpr int kScratchBlocks = 2 * kMaxMoments + 2;
 
-enum class GradientType : int32_t { kF32, kBF16, kF16 };
+// The gradient's, the update's and the parameter's element types.
+enum class ElementType : int32_t { kF32, kBF16, kF16 };
 
 struct MomentBuffers {
   const uint8_t* codes;
@@ -58,12 +59,13 @@ constexpr int kApplyScalars = 4;
 struct Job {
   int32_t family;  // VisitFamily's number
   int32_t flags;   // the Flag bits, less kApply
-  GradientType dtype;
+  ElementType dtype;        // the gradient's and the update's
+  ElementType param_dtype;  // the parameter's and the new parameter's: dtype's, or kF32
   const void* g;
   // The update; under the fused apply step the new parameter instead (param's buffer, given donation).
   void* update;
-  // Under the fused apply step, the parameter (g's dtype), else null. The step then clips the
-  // gradient, g / clip_norm * clip_max, and writes p + step_size * (u + weight_decay * p).
+  // Under the fused apply step, the parameter, else null. The step then clips the gradient,
+  // g / clip_norm * clip_max, and writes p + step_size * (u + weight_decay * p).
   const void* param;
   const float* hp;
   int64_t hp_stride;       // floats per hp vector: the family's scalars, then kApplyScalars if param

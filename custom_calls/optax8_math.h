@@ -656,7 +656,10 @@ OPTAX8_HD float Masked(float x, bool keep) { return keep ? x : 0.0f; }
 OPTAX8_HD uint32_t Finite(float x) { return (FloatToBits(x) & 0x7F800000u) != 0x7F800000u ? ~0u : 0u; }
 OPTAX8_HD float Masked(float x, uint32_t keep) { return BitsToFloat(FloatToBits(x) & keep); }
 #endif
-OPTAX8_HD bool NonZero(float x) { return !(x == 0.0f); }  // NaN too
+// Whether x is neither ±0 nor subnormal (NaN is not), from its bits. XLA:CPU computes with
+// subnormals as zeros, XLA:GPU and compilers' bit tricks do not; at the smallest normal
+// magnitude every one of them agrees on the answer.
+OPTAX8_HD bool NonZero(float x) { return (FloatToBits(x) & 0x7FFFFFFFu) >= 0x00800000u; }
 
 // One element's step (or one vector's, V), with every path's policy for what is not finite: a
 // non-finite gradient element, or a moment that the step makes non-finite, resets the
@@ -664,8 +667,8 @@ OPTAX8_HD bool NonZero(float x) { return !(x == 0.0f); }  // NaN too
 // every family's every new moment adds a multiple of g (or of g * g), and c * inf or c * NaN is
 // never finite, not even for c = 0, so a non-finite g makes every new moment non-finite
 // (tests/test_native.py checks the resets for each family). Under kSkipZeros an element whose
-// gradient is exactly zero keeps its moments and gets a zero update; the others mark
-// `touched`. m holds the decoded moments and receives the new ones.
+// gradient is zero (±0, or subnormal: NonZero) keeps its moments and gets a zero update; the
+// others mark `touched`. m holds the decoded moments and receives the new ones.
 template <class F, int kFlags, class V, class M>
 OPTAX8_HD V GuardedStep(V g, V (&m)[F::kMoments], const typename F::Consts& consts, M& touched) {
   constexpr int K = F::kMoments;

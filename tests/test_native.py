@@ -210,6 +210,23 @@ def test_parity_several_steps_of_optimizers():
       np.testing.assert_allclose(a, b, rtol=2e-6, err_msg=name)
 
 
+@parity
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["adam", "momentum", "lion"])
+def test_parity_skip_zeros_treats_a_subnormal_gradient_as_zero(name, dtype):
+  # XLA:CPU computes with subnormals as zeros; whether a bit test or a float comparison decides
+  # `touched` must not matter, in the kernels or in the reference.
+  family, static, g, moments, scalars = leaf_case(name, (4, 55), dtype, block_size=7)
+  g = g.at[0, 7:14].set(0).at[0, 10].set(jnp.asarray(1e-40, jnp.float32).astype(dtype))
+  assert 0 < abs(float(g[0, 10])) < np.finfo(np.float32).tiny  # subnormal in this dtype too
+  kernel, reference = both(family, {**static, "skip_zeros": True}, g, moments, scalars)
+  assert_same(kernel, reference, rtol=update_rtol(dtype))
+  for before, after in zip(moments, kernel[1]):  # the block of zeros and a subnormal kept its state
+    np.testing.assert_array_equal(after.codes[0, 7:14], before.codes[0, 7:14])
+    assert after.absmax[0, 1] == before.absmax[0, 1]
+  assert np.all(np.asarray(kernel[0][0, 7:14], np.float32) == 0)
+
+
 HYPERPARAMETER_RANGES = {  # what each randomised hyperparameter may be
     "b1": (0.0, 0.99), "b2": (0.5, 0.9999), "b3": (0.9, 0.9999), "decay": (0.0, 0.99),
     "eps": (1e-10, 1e-3), "eps_root": (0.0, 1e-6), "alpha": (0.0, 10.0),
@@ -574,3 +591,41 @@ def test_encoder_is_exact_for_every_float_in_the_maps_range(tmp_path):
   # Every vector encoder the CPU kernel runs here was among those checked.
   checked = result.stdout.splitlines()[-2].split()[2:]
   assert native_library.cpu_isa() in checked, result.stdout[-2000:]
+
+
+@pytest.mark.skipif(not native_library.usable("cpu"), reason="no CPU kernel")
+def test_the_cpu_kernel_refuses_bad_attributes_and_operands_with_errors():
+  family, _, g, moments, scalars = leaf_case("momentum", (4, 256))
+  state = [moments[0].codes, moments[0].absmax]
+  apply = dict(clip_norm=1.0, clip_max=1.0, step_size=-1e-3, weight_decay=0.0)
+  hp = jnp.asarray([scalars[name] for name in family.scalar_names], jnp.float32)
+  hp_apply = jnp.asarray([*hp, *apply.values()], jnp.float32)
+  good = dict(family="momentum", block_size=np.int64(128), flags=np.int64(0), signed=np.int64(1))
+
+  def call(result_dtype=jnp.float32, param=None, grad=g, **attributes):
+    types = [jax.ShapeDtypeStruct(g.shape, result_dtype), *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state)]
+    operands = (grad, hp, *state) if param is None else (grad, hp_apply, *state, param)
+    return jax.block_until_ready(jax.ffi.ffi_call(native_library.TARGET, types)(*operands, **{**good, **attributes}))
+
+  applied = dict(flags=np.int64(update_math.FLAG_BITS["apply"]))
+  g16 = g.astype(jnp.bfloat16)
+  call()
+  call(param=g, **applied)
+  call(jnp.bfloat16, param=g16, grad=g16, **applied)
+  call(param=g, grad=g16, **applied)  # a float32 parameter for a 16-bit gradient
+  bad_cases = [
+      (dict(family="nope"), "unknown family"),
+      (dict(flags=np.int64(2)), "flags not supported"),
+      (dict(signed=np.int64(0)), "wrong maps"),
+      (dict(block_size=np.int64(0)), "block size"),
+      (dict(block_size=np.int64(64)), "state shapes"),
+      (dict(result_dtype=jnp.bfloat16), "the update must match the gradient"),
+      (dict(param=g.astype(jnp.float16), grad=g16, result_dtype=jnp.float16, **applied), "its dtype or float32"),
+      (dict(param=g16, result_dtype=jnp.bfloat16, **applied), "its dtype or float32"),
+      (dict(param=g[:, :128], **applied), "the gradient's shape"),
+      (dict(param=g, result_dtype=jnp.bfloat16, **applied),
+       "the new parameter must match the parameter"),
+  ]
+  for bad, message in bad_cases:
+    with pytest.raises(Exception, match=message):
+      call(**bad)

@@ -27,6 +27,7 @@
 #include <random>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cuda_runtime.h"  // cuda_emulation/'s, which include every standard header the kernel needs
@@ -173,7 +174,7 @@ std::string Launch(unsigned blocks, unsigned threads, const std::function<void()
 
 namespace {
 
-using optax8::GradientType;
+using optax8::ElementType;
 using optax8::Job;
 
 // A family's per-step scalars: plausible values, varied by hyperparameter group.
@@ -210,8 +211,8 @@ constexpr Shape kShapes[] = {
 
 struct Case {
   int family, flags;
-  GradientType dtype;
-  bool apply, in_place, offset;  // offset: the gradient, update and parameter start one element in
+  ElementType dtype, param_dtype;  // the gradient's; the parameter's (dtype or, under apply, kF32)
+  bool apply, in_place, offset;    // offset: the gradient, update and parameter start one element in
   Shape shape;
   uint64_t seed;
 };
@@ -221,24 +222,25 @@ std::string Describe(const Case& c) {
   static const char* const kDtypes[] = {"f32", "bf16", "f16"};
   char text[256];
   std::snprintf(text, sizeof(text),
-                "%s flags=%d %s apply=%d in_place=%d offset=%d shape=(%lld, %lld) block=%lld groups=%lld",
-                kFamilies[c.family], c.flags, kDtypes[static_cast<int>(c.dtype)], c.apply, c.in_place, c.offset,
+                "%s flags=%d %s param=%s apply=%d in_place=%d offset=%d shape=(%lld, %lld) block=%lld groups=%lld",
+                kFamilies[c.family], c.flags, kDtypes[static_cast<int>(c.dtype)],
+                kDtypes[static_cast<int>(c.param_dtype)], c.apply, c.in_place, c.offset,
                 static_cast<long long>(c.shape.rows), static_cast<long long>(c.shape.row_length),
                 static_cast<long long>(c.shape.block_size), static_cast<long long>(c.shape.groups));
   return text;
 }
 
-size_t ElementBytes(GradientType dtype) { return dtype == GradientType::kF32 ? 4 : 2; }
+size_t ElementBytes(ElementType dtype) { return dtype == ElementType::kF32 ? 4 : 2; }
 
 // The values' bytes as dtype, rounded to nearest even.
-std::vector<uint8_t> Encoded(const std::vector<float>& values, GradientType dtype) {
+std::vector<uint8_t> Encoded(const std::vector<float>& values, ElementType dtype) {
   std::vector<uint8_t> bytes(values.size() * ElementBytes(dtype));
   for (size_t i = 0; i < values.size(); ++i) {
-    if (dtype == GradientType::kF32) {
+    if (dtype == ElementType::kF32) {
       std::memcpy(&bytes[4 * i], &values[i], 4);
     } else {
       const uint16_t h =
-          dtype == GradientType::kBF16 ? __float2bfloat16_rn(values[i]).bits : __float2half_rn(values[i]).bits;
+          dtype == ElementType::kBF16 ? __float2bfloat16_rn(values[i]).bits : __float2half_rn(values[i]).bits;
       std::memcpy(&bytes[2 * i], &h, 2);
     }
   }
@@ -278,7 +280,7 @@ Inputs MakeInputs(const Case& c, int moments, int stride) {
   if (blocks > 2) std::fill(g.begin() + pad, g.begin() + pad + std::min(c.shape.block_size, c.shape.row_length), 0.0f);
   Inputs in;
   in.g = Encoded(g, c.dtype);
-  in.param = Encoded(p, c.dtype);
+  in.param = Encoded(p, c.param_dtype);
   for (int k = 0; k < moments; ++k) {
     in.codes[k].resize(n);
     for (auto& code : in.codes[k]) code = static_cast<uint8_t>(rng());
@@ -299,18 +301,21 @@ Inputs MakeInputs(const Case& c, int moments, int stride) {
 
 // The job for one implementation's copy of the inputs; outputs poisoned with `poison`.
 Job MakeJob(const Case& c, int moments, int stride, const Inputs& in, uint8_t poison, Buffers& b) {
-  const size_t bytes = ElementBytes(c.dtype), pad = c.offset ? bytes : 0;
+  const size_t pad = c.offset ? ElementBytes(c.dtype) : 0, param_pad = c.offset ? ElementBytes(c.param_dtype) : 0;
   b.g = in.g;
   b.param = in.param;
   b.hp = in.hp;
-  b.update.assign(in.g.size(), poison);
+  // The first result has the parameter's dtype under apply, the gradient's otherwise.
+  b.update.assign(c.apply ? in.param.size() : in.g.size(), poison);
+  const size_t update_pad = c.apply ? param_pad : pad;
   Job job{};
   job.family = c.family;
   job.flags = c.flags;
   job.dtype = c.dtype;
+  job.param_dtype = c.param_dtype;
   job.g = b.g.data() + pad;
-  job.param = c.apply ? b.param.data() + pad : nullptr;
-  job.update = c.in_place ? (c.apply ? b.param.data() : b.g.data()) + pad : b.update.data() + pad;
+  job.param = c.apply ? b.param.data() + param_pad : nullptr;
+  job.update = (c.in_place ? (c.apply ? b.param.data() : b.g.data()) : b.update.data()) + update_pad;
   job.hp = b.hp.data();
   job.hp_stride = stride;
   job.row_length = c.shape.row_length;
@@ -346,12 +351,13 @@ std::vector<uint8_t> Results(const Case& c, int moments, const Buffers& b) {
 // whether the walk found its buffers aligned for the contiguous path. "" or why the run failed.
 std::string RunEmulated(const Job& job, std::mt19937_64& rng, bool& aligned) {
   std::string problem = "no kernel for the job";
-  optax8::VisitKernel(job, [&](auto family, auto flags, auto* type) {
+  optax8::VisitKernel(job, [&](auto family, auto flags, auto* type, auto* param_type) {
     using F = decltype(family);
     using T = std::remove_pointer_t<decltype(type)>;
+    using P = std::remove_pointer_t<decltype(param_type)>;
     const optax8::Walk walk = optax8::WalkOf<F>(job);
     aligned = walk.aligned;
-    const std::function<void()> kernel = [&] { optax8::UpdateKernel<F, decltype(flags)::value, T>(job, walk); };
+    const std::function<void()> kernel = [&] { optax8::UpdateKernel<F, decltype(flags)::value, T, P>(job, walk); };
     const std::function<void()> poison = [] {
       std::memset(optax8::kSharedTables, 0xFF, sizeof(optax8::kSharedTables));
     };
@@ -370,13 +376,18 @@ int main() {
       using F = decltype(tag);
       for (int flags = 0; flags <= optax8::kAllFlags; ++flags) {
         if (!optax8::VisitFlags<F>(flags, [](auto) {})) continue;
-        for (GradientType dtype : {GradientType::kF32, GradientType::kBF16, GradientType::kF16}) {
-          for (bool apply : {false, true}) {
+        for (ElementType dtype : {ElementType::kF32, ElementType::kBF16, ElementType::kF16}) {
+          // The update; the fused apply step on a parameter of the gradient's dtype, and of float32.
+          const std::pair<bool, ElementType> kinds[] = {{false, dtype}, {true, dtype}, {true, ElementType::kF32}};
+          for (const auto& [apply, param_dtype] : kinds) {
+            if (apply && param_dtype != dtype && dtype == ElementType::kF32) continue;  // the same as {true, dtype}
             for (const Shape& shape : kShapes) {
               // In place and aligned, as XLA calls it; out of place; and one element off alignment.
-              cases.push_back({family, flags, dtype, apply, true, false, shape, seed++});
-              cases.push_back({family, flags, dtype, apply, false, false, shape, seed++});
-              if (shape.row_length % 8 == 0) cases.push_back({family, flags, dtype, apply, true, true, shape, seed++});
+              cases.push_back({family, flags, dtype, param_dtype, apply, true, false, shape, seed++});
+              cases.push_back({family, flags, dtype, param_dtype, apply, false, false, shape, seed++});
+              if (shape.row_length % 8 == 0) {
+                cases.push_back({family, flags, dtype, param_dtype, apply, true, true, shape, seed++});
+              }
             }
           }
         }

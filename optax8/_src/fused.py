@@ -236,13 +236,11 @@ def fused(tx: optax.GradientTransformation) -> FusedStep:
 
   in one kernel call that reads the gradient, the parameter and the 8-bit state once and
   writes the parameter and the state once, in place when the step donates them
-  (``jax.jit(step, donate_argnums=(0, 1))``). A parameter whose dtype differs from its
-  gradient's (float32 parameters with bfloat16 gradients, say) steps in float32: the kernel takes
-  the gradient converted to float32 (one more elementwise pass, into a fresh buffer: faster than
-  the reference, not than the unfused step) and overwrites a float32 parameter in place; a
-  16-bit parameter is rounded back once. The state is ``tx``'s own pytree: a state from
-  ``tx.init``, ``tx.update`` or a checkpoint of either works with both. The learning rate, the
-  weight decay and the clip scale are runtime scalars.
+  (``jax.jit(step, donate_argnums=(0, 1))``). The kernel also takes float32 parameters with
+  bfloat16 or float16 gradients, reading each in its own dtype; other pairs of dtypes step in
+  float32 after converting both, and the new parameter is rounded back once. The state is
+  ``tx``'s own pytree: a state from ``tx.init``, ``tx.update`` or a checkpoint of either works
+  with both. The learning rate, the weight decay and the clip scale are runtime scalars.
 
   Args:
     tx: optax8's ``adam8bit``, ``adamw8bit``, ``sgd8bit`` (with momentum), ``lion8bit``,

@@ -222,7 +222,10 @@ def reference_leaf_update(
   if apply is not None:
     g32 = update_math.clipped_gradient(g32, clip_norm=apply["clip_norm"], clip_max=apply["clip_max"])
   finite = jnp.isfinite(g32)
-  touched = g32 != 0  # NaN included: it resets below
+  # Neither ±0 nor subnormal, from the bits, as the kernels decide (optax8_math.h's NonZero):
+  # XLA:CPU computes with subnormals as zeros, XLA:GPU does not. NaN is touched: it resets below.
+  magnitude = jax.lax.bitcast_convert_type(g32, jnp.uint32) & np.uint32(0x7FFFFFFF)
+  touched = magnitude >= np.uint32(0x00800000)
   g32 = jnp.where(finite, g32, 0.0)
   old = [qz.dequantize_blockwise(m) if qz.is_quantized(m) else m.astype(jnp.float32) for m in moments]
   update, new = family.elementwise(g32, tuple(old), **scalars, **static)

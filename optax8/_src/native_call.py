@@ -53,11 +53,12 @@ def update(family: update_math.Family, static: Mapping[str, Any], g: jax.Array,
   """One parameter's update (or, given ``param`` under ``apply``, its new value) as one FFI call
   (CPU or CUDA kernel), on each device's own blocks.
 
-  A parameter whose dtype differs from its gradient's steps in float32 (both converted, exactly,
-  and the new parameter rounded back once), as the reference computes it.
+  The kernels take a parameter of the gradient's dtype or of float32 (with a 16-bit gradient, the
+  kernel reads each as it is); for any other pair both are converted to float32, exactly, and the
+  new parameter is rounded back once, as the reference computes it.
   """
   param_dtype = None if param is None else param.dtype
-  if param is not None and jnp.dtype(param.dtype) != jnp.dtype(g.dtype):
+  if param is not None and jnp.dtype(param.dtype) not in (jnp.dtype(g.dtype), jnp.dtype(jnp.float32)):
     g, param = g.astype(jnp.float32), param.astype(jnp.float32)
   hp = jnp.stack([jnp.asarray(scalars[name], jnp.float32) for name in _scalar_names(family, static)])
   state = [x for m in moments for x in (m.codes, m.absmax)]

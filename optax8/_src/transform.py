@@ -17,8 +17,9 @@ quantization options, all keyword-only after ``*``:
   hash of the step count (where the state keeps one), the parameter's label and each element's
   global index and new value: the same on every platform and mesh, reproducible, with no key to
   pass. It runs the reference math.
-* ``skip_zeros`` (default ``False``): an element whose gradient is exactly zero keeps its
-  moments (undecayed) and gets a zero update, bitsandbytes' lazy update for sparse gradients.
+* ``skip_zeros`` (default ``False``): an element whose gradient is zero (±0, or subnormal, which
+  XLA:CPU computes as zero) keeps its moments (undecayed) and gets a zero update,
+  bitsandbytes' lazy update for sparse gradients.
   An 8-bit block whose gradient is zero throughout keeps its codes and absmax bit for bit; an
   untouched element of a block whose absmax changes is re-encoded once against the new absmax,
   an error of at most half a code step of the new scale each time the absmax changes.
@@ -154,8 +155,8 @@ def scale_by_adam8bit(
     block_wise: ``False`` for one absmax per tensor instead of one per block (default ``True``).
     stochastic_rounding: round the moments stochastically, unbiased, instead of to the nearest
       code (default ``False``).
-    skip_zeros: an element whose gradient is exactly zero keeps its moments and gets a zero
-      update (bitsandbytes' ``skip_zeros``, for sparse gradients such as embeddings).
+    skip_zeros: an element whose gradient is zero (±0, or subnormal) keeps its moments and gets
+      a zero update (bitsandbytes' ``skip_zeros``, for sparse gradients such as embeddings).
     max_unorm: clip each update tensor's norm to ``max_unorm`` times its parameter's norm
       (bitsandbytes' ``max_unorm``; ``None`` or 0: off); ``update`` then needs ``params``.
     overrides: per-label options: ``optim_bits``, ``block_size``, ``min_8bit_size``,
