@@ -656,9 +656,9 @@ OPTAX8_HD float Masked(float x, bool keep) { return keep ? x : 0.0f; }
 OPTAX8_HD uint32_t Finite(float x) { return (FloatToBits(x) & 0x7F800000u) != 0x7F800000u ? ~0u : 0u; }
 OPTAX8_HD float Masked(float x, uint32_t keep) { return BitsToFloat(FloatToBits(x) & keep); }
 #endif
-// Whether x is neither ±0 nor subnormal (NaN is not), from its bits. XLA:CPU computes with
-// subnormals as zeros, XLA:GPU and compilers' bit tricks do not; at the smallest normal
-// magnitude every one of them agrees on the answer.
+// Whether x is neither ±0 nor subnormal (so NaN and infinities are), from its bits. XLA:CPU
+// computes with subnormals as zeros, XLA:GPU and compilers' bit tricks do not; at the smallest
+// normal magnitude every one of them agrees on the answer.
 OPTAX8_HD bool NonZero(float x) { return (FloatToBits(x) & 0x7FFFFFFFu) >= 0x00800000u; }
 
 // One element's step (or one vector's, V), with every path's policy for what is not finite: a
