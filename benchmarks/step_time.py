@@ -14,7 +14,9 @@ in a loop that passes the gradient in. The variants:
 * ``optax8.adam8bit`` on the native kernel (also under donate (0, 1)), on the pure-JAX
   reference path, and fused (``optax8.fused``) on the kernel;
 * ``optax.sgd(momentum=0.9)`` and ``optax8.sgd8bit(momentum=0.9)`` on the kernel, unfused and
-  fused.
+  fused;
+* ``optax8.adam8bit`` with bfloat16 gradients for the float32 parameters, unfused and fused, on
+  the kernel (which reads the 16-bit gradient as it is).
 
 The variants are timed in interleaved rounds after a warm-up round (the machine may be shared
 and noisy); the table gives each one's median step time, nanoseconds per parameter, its ratio
@@ -53,7 +55,8 @@ import optax8
 from examples import common
 from optax8._src import native_library
 
-__all__ = ["VARIANTS", "CompiledStep", "Variant", "compile_step", "footprint", "main", "measure", "parameters"]
+__all__ = ["VARIANTS", "CompiledStep", "Variant", "compile_step", "footprint", "gradients_like", "main", "measure",
+           "parameters"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +70,7 @@ class Variant:
     baseline: the name of the 32-bit variant this one is compared with.
     fused: time ``optax8.fused(tx).step`` instead of ``update`` + ``apply_updates``.
     donate: the ``donate_argnums``, or ``None`` for the better of (0, 1) and (1, 2).
+    grad_dtype: the gradient's dtype (the parameters are float32).
   """
 
   name: str
@@ -75,6 +79,7 @@ class Variant:
   baseline: str = "optax.adam"
   fused: bool = False
   donate: tuple[int, ...] | None = None
+  grad_dtype: Any = jnp.float32
 
 
 VARIANTS = (
@@ -89,6 +94,9 @@ VARIANTS = (
     Variant("optax.sgd momentum", lambda: optax.sgd(1e-3, momentum=0.9), baseline="optax.sgd momentum"),
     Variant("sgd8bit kernel", lambda: optax8.sgd8bit(1e-3, momentum=0.9), "native", "optax.sgd momentum"),
     Variant("sgd8bit fused", lambda: optax8.sgd8bit(1e-3, momentum=0.9), "native", "optax.sgd momentum", fused=True),
+    Variant("adam8bit kernel, bf16 grads", lambda: optax8.adam8bit(1e-3), "native", grad_dtype=jnp.bfloat16),
+    Variant("adam8bit fused, bf16 grads", lambda: optax8.adam8bit(1e-3), "native", fused=True,
+            grad_dtype=jnp.bfloat16),
 )
 
 
@@ -138,11 +146,17 @@ def compile_step(variant: Variant, params: Any) -> CompiledStep:
     state = tx.init(params)
     with warnings.catch_warnings():
       warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-      candidates = [jax.jit(step, donate_argnums=d).lower(params, state, params).compile() for d in donations]
+      grads = gradients_like(params, variant)
+      candidates = [jax.jit(step, donate_argnums=d).lower(params, state, grads).compile() for d in donations]
   finally:
     optax8.set_implementation(None)
   compiled = min(candidates, key=lambda c: footprint(c.memory_analysis()))
   return CompiledStep(variant, compiled, compiled.memory_analysis(), params, state)
+
+
+def gradients_like(grads: Any, variant: Variant) -> Any:
+  """``grads`` in the variant's gradient dtype (a fresh copy, free to donate)."""
+  return jax.tree.map(lambda g: jnp.array(g, variant.grad_dtype), grads)
 
 
 def footprint(stats: Any) -> int:
@@ -168,7 +182,7 @@ def measure(millions: int, rounds: int, steps: int, variants=VARIANTS) -> list[C
   for round_ in range(rounds + 1):
     for c in compiled:
       for _ in range(steps):
-        g = jax.block_until_ready(jax.tree.map(jnp.copy, grads))  # a fresh gradient to donate
+        g = jax.block_until_ready(gradients_like(grads, c.variant))  # a fresh gradient to donate
         start = time.perf_counter()
         c.params, c.state = jax.block_until_ready(c.run(c.params, c.state, g))
         if round_:
