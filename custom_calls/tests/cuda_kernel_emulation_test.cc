@@ -377,10 +377,11 @@ int main() {
       for (int flags = 0; flags <= optax8::kAllFlags; ++flags) {
         if (!optax8::VisitFlags<F>(flags, [](auto) {})) continue;
         for (ElementType dtype : {ElementType::kF32, ElementType::kBF16, ElementType::kF16}) {
-          // The update; the fused apply step on a parameter of the gradient's dtype, and of float32.
+          // The update; the fused apply step on a parameter of the gradient's dtype, and (for a 16-bit
+          // gradient) of float32.
           const std::pair<bool, ElementType> kinds[] = {{false, dtype}, {true, dtype}, {true, ElementType::kF32}};
-          for (const auto& [apply, param_dtype] : kinds) {
-            if (apply && param_dtype != dtype && dtype == ElementType::kF32) continue;  // the same as {true, dtype}
+          for (int kind = 0; kind < (dtype == ElementType::kF32 ? 2 : 3); ++kind) {
+            const auto [apply, param_dtype] = kinds[kind];
             for (const Shape& shape : kShapes) {
               // In place and aligned, as XLA calls it; out of place; and one element off alignment.
               cases.push_back({family, flags, dtype, param_dtype, apply, true, false, shape, seed++});
