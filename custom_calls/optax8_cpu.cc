@@ -13,6 +13,7 @@
 // moment that overflows, resets that element's moments to 0 and gives it a zero update, as the
 // reference does.
 #include <algorithm>
+#include <cctype>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -96,6 +97,17 @@ struct Isa {
   std::string problem;
 };
 
+// OPTAX8_CPU_ISA's value, read as OPTAX8_IMPLEMENTATION is: case and surrounding space ignored,
+// "auto" when unset or empty.
+std::string RequestedIsa() {
+  const char* env = std::getenv("OPTAX8_CPU_ISA");
+  std::string value = env == nullptr ? "" : env;
+  const size_t first = value.find_first_not_of(" \t\n\r"), last = value.find_last_not_of(" \t\n\r");
+  value = first == std::string::npos ? "auto" : value.substr(first, last - first + 1);
+  for (char& c : value) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return value;
+}
+
 const Isa& ChosenIsa() {
   static const Isa chosen = [] {
     struct Candidate {
@@ -118,8 +130,7 @@ const Isa& ChosenIsa() {
 #endif
         {"scalar", &Optax8CpuBlocks_scalar, true},
     };
-    const char* env = std::getenv("OPTAX8_CPU_ISA");
-    const std::string requested = env == nullptr || *env == '\0' ? "auto" : env;
+    const std::string requested = RequestedIsa();
     for (const Candidate& c : candidates) {
       if (requested == "auto" ? c.runs : requested == c.name) {
         return Isa{c.name, c.blocks, c.runs ? "" : std::string("OPTAX8_CPU_ISA=") + c.name + " but this CPU lacks it"};

@@ -2,7 +2,7 @@
 
 Usage: ``integrations_worker.py SECTION OUT.json`` with eight CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``); SECTION is ``linen-1x2``,
-``linen-4x2``, ``linen-logical`` or ``nnx``. Writes what it measured as JSON.
+``linen-4x2``, ``linen-logical``, ``nnx`` or ``nnx-recipes``. Writes what it measured as JSON.
 """
 
 import json
@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
@@ -186,6 +187,39 @@ def nnx_section():
   )
 
 
+class OptimizerShardedModel(nnx.Module):
+  """Parameters replicated, their optimizer state sharded (NNX's ``optimizer_sharding``)."""
+
+  def __init__(self):
+    self.narrow = nnx.Param(jnp.ones((64, 128)), out_sharding=(None, None), optimizer_sharding=(None, "model"))
+    self.wide = nnx.Param(jnp.ones((64, 1024)), out_sharding=(None, None), optimizer_sharding=(None, "model"))
+
+
+def nnx_recipes():
+  """NNX's optimizer_sharding metadata, and optax8.state_sharding's NNX recipe (its docstring's)."""
+  mesh = jax.make_mesh((2,), ("model",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
+  facts = {}
+  with jax.set_mesh(mesh):
+    optimizer = nnx.Optimizer(OptimizerShardedModel(), optax8.adamw8bit(1e-2), wrt=nnx.Param)
+    mu = optimizer.opt_state[0].mu
+    facts["optimizer_sharding"] = {
+        name: {"codes": spec_names(mu[name].codes.get_value().sharding.spec),
+               "absmax": spec_names(mu[name].absmax.get_value().sharding.spec)}
+        for name in ("narrow", "wide")
+    }
+    model = NnxMLP(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    param_specs = nnx.get_partition_spec(params)
+    recipe = {}
+    for name, tx in (("adamw", optax.adamw(1e-2)), ("adamw8bit", optax8.adamw8bit(1e-2))):
+      abstract_state = jax.eval_shape(tx.init, params)
+      shardings = optax8.state_sharding(abstract_state, param_specs)
+      state = jax.jit(tx.init, out_shardings=shardings)(params)
+      recipe[name] = [spec_names(x.sharding.spec) for x in jax.tree.leaves(state[0].mu["wide"]["kernel"])]
+    facts["state_sharding_recipe"] = recipe
+  return facts
+
+
 def main(section, out):
   warnings.simplefilter("ignore")
   if section == "linen-logical":
@@ -194,6 +228,8 @@ def main(section, out):
     facts = linen(tuple(int(n) for n in section.removeprefix("linen-").split("x")))
   elif section == "nnx":
     facts = nnx_section()
+  elif section == "nnx-recipes":
+    facts = nnx_recipes()
   else:
     raise SystemExit(f"unknown section {section!r}")
   with open(out, "w") as f:

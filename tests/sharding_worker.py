@@ -377,9 +377,67 @@ def fused(implementation: str) -> dict:
   return sharded_against_one_device(tx, optax8.fused(tx).step, host_grads(PARAMS))
 
 
+def trained_on(mesh: Any, tx: optax.GradientTransformation, layout: dict) -> tuple[Any, Any]:
+  """Three steps of ``tx`` under ``jit`` on ``mesh``, the params placed by ``layout``."""
+  params_sharding = placement(mesh, layout)
+  with jax.set_mesh(mesh):
+    params = jax.device_put(host_params(layout), params_sharding)
+    grads = [jax.device_put(g, params_sharding) for g in host_grads(layout)]
+    return train(jax.jit(step_fn(tx)), params, tx.init(params), grads)
+
+
+def shard_mapped(mesh: Any, tx: optax.GradientTransformation, layout: dict) -> tuple[Any, Any]:
+  """Three steps of ``tx`` inside ``shard_map``, the state made outside it (specs: state_sharding)."""
+  params_sharding = placement(mesh, layout)
+  with jax.set_mesh(mesh):
+    params = jax.device_put(host_params(layout), params_sharding)
+    state, state_sharding = sharded_init(tx, tx.init, params, params_sharding)
+    specs = jax.tree.map(lambda s: s.spec, (params_sharding, state_sharding))
+    step = jax.jit(jax.shard_map(step_fn(tx), in_specs=(*specs, specs[0]), out_specs=specs))
+    return train(step, params, state, [jax.device_put(g, params_sharding) for g in host_grads(layout)])
+
+
+def idioms(implementation: str) -> dict:
+  """Programs users write: a mesh axis of size 1 naming a last axis (a (8, 1) data-parallel
+  mesh with model-parallel annotations), shard_map over shards below min_8bit_size or cut into
+  partial blocks, and short PartitionSpecs for the state's shardings."""
+  optax8.set_implementation(IMPLEMENTATIONS[implementation])
+  warnings.simplefilter("ignore")  # partial blocks warn; test_sharding.py checks that elsewhere
+  facts = {}
+  size_one = jax.make_mesh((8, 1), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+  layout = {"w": ((256, 256), P(None, "model")), "x": ((64, 256), P("data", "model"))}
+  for rounding in (False, True):
+    tx = optax8.adam8bit(1e-2, stochastic_rounding=rounding)
+    expected = train(jax.jit(step_fn(tx)), host_params(layout), tx.init(host_params(layout)), host_grads(layout))
+    facts[f"size_one_axis_rounding_{rounding}"] = differences(expected, trained_on(size_one, tx, layout))
+  mesh = make_mesh(AxisType.Explicit)
+  tx = optimizer()
+  small_shards = {"w": ((32, 512), P(MESH_AXES, None))}  # 8 shards of 2048 elements, the param 16384
+  expected = train(jax.jit(step_fn(tx)), host_params(small_shards), tx.init(host_params(small_shards)),
+                   host_grads(small_shards))
+  result = shard_mapped(mesh, tx, small_shards)
+  facts["small_shards_8bit"] = isinstance(result[1][0].mu["w"], optax8.QuantizedArray)
+  facts["small_shards_differ"] = differences(expected, result)
+  try:
+    shard_mapped(mesh, tx, {"w": ((32, 256), P(None, "tp"))})  # shards of 128 columns, blocks of 256
+    facts["partial_blocks_in_shard_map"] = "ran"
+  except ValueError as e:
+    facts["partial_blocks_in_shard_map"] = str(e)
+  short = {"w": ((256, 512), P("fsdp")), "v": ((256, 64), P("fsdp"))}  # trailing None left out
+  for name, tx in (("percentile_clipping", optax.chain(optax8.percentile_clipping(95), optax8.adam8bit(1e-2))),
+                   ("adafactor", optax.adafactor(1e-2))):
+    params_sharding = placement(mesh, short)
+    with jax.set_mesh(mesh):
+      params = jax.device_put(host_params(short), params_sharding)
+      state, shardings = sharded_init(tx, tx.init, params, params_sharding)
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    facts[f"short_specs_{name}"] = {jax.tree_util.keystr(path): list(leaf.sharding.spec) for path, leaf in leaves}
+  return facts
+
+
 SECTIONS = {
     "matrix": matrix, "partial_blocks": partial_blocks, "checkpoint": checkpoint, "multiprocess": multiprocess,
-    "update_options": update_options, "fused": fused,
+    "update_options": update_options, "fused": fused, "idioms": idioms,
 }
 
 

@@ -1,5 +1,7 @@
 """Percentile clipping against a direct NumPy statement of the same rule."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,3 +57,20 @@ def test_percentile_clipping_chains_before_an_8bit_optimizer():
   params = {"w": jnp.zeros((64, 64))}
   updates, _ = jax.jit(tx.update)({"w": jnp.ones((64, 64))}, tx.init(params), params)
   assert np.all(np.isfinite(updates["w"]))
+
+
+class Pair(NamedTuple):
+  w: jax.Array
+  b: jax.Array
+
+
+def test_percentile_clipping_of_tuple_params_clips_each_leaf_as_for_a_dict_of_them():
+  tx = optax8.percentile_clipping(50, history=4)
+  w, b = jnp.full((128, 64), 0.5), jnp.full((100,), 0.1)  # b as long as the history ring
+  expected, _ = tx.update({"w": w, "b": b}, tx.init({"w": w, "b": b}))
+  for make in (lambda w, b: (w, b), Pair):
+    params = make(w, b)
+    clipped, state = tx.update(params, tx.init(params))
+    assert jax.tree.structure(clipped) == jax.tree.structure(params)
+    np.testing.assert_array_equal(clipped[0], expected["w"])
+    np.testing.assert_array_equal(clipped[1], expected["b"])

@@ -17,9 +17,10 @@ BAD_CONSTRUCTOR_ARGS = [
     (optax8.adam8bit, dict(optim_bits=16), ValueError, "optim_bits must be 8 or 32, got 16"),
     (optax8.adam8bit, dict(min_8bit_size=-1), ValueError, "min_8bit_size must be a non-negative int"),
     (optax8.adamw8bit, dict(weight_decay=-0.1), ValueError, "weight_decay must be >= 0"),
-    (optax8.sgd8bit, dict(momentum=1.0), ValueError, "decay must be in \\[0, 1\\)"),
+    (optax8.sgd8bit, dict(momentum=1.0), ValueError, "momentum must be in \\[0, 1\\)"),
     (optax8.lion8bit, dict(b2=2.0), ValueError, "b2 must be in \\[0, 1\\)"),
     (optax8.rmsprop8bit, dict(decay=1.0), ValueError, "decay must be in \\[0, 1\\)"),
+    (optax8.rmsprop8bit, dict(momentum=1.5, decay=0.9), ValueError, "momentum must be in \\[0, 1\\)"),
     (optax8.rmsprop8bit, dict(initial_scale=-1.0), ValueError, "initial_scale must be >= 0"),
     (optax8.rmsprop8bit, dict(centered=True), ValueError, "centered=True is not supported"),
     (optax8.adagrad8bit, dict(initial_accumulator_value=-0.1), ValueError, "initial_accumulator_value must be >= 0"),
@@ -27,7 +28,7 @@ BAD_CONSTRUCTOR_ARGS = [
     (optax8.ademamix8bit, dict(alpha=-5.0), ValueError, "alpha must be >= 0"),
     (optax8.lamb8bit, dict(eps=-1.0), ValueError, "eps must be >= 0"),
     (optax8.lars8bit, dict(trust_coefficient=-1.0), ValueError, "trust_coefficient must be >= 0"),
-    (optax8.lars8bit, dict(momentum=1.5), ValueError, "decay must be in \\[0, 1\\)"),
+    (optax8.lars8bit, dict(momentum=1.5), ValueError, "momentum must be in \\[0, 1\\)"),
 ]
 
 

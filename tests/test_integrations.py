@@ -110,6 +110,99 @@ def test_nnx_optimizer_trains_like_plain_optax8(make_optimizer, options):
   assert isinstance(mu["hidden"]["bias"], nnx.Variable)  # 32-bit: boxed as optax would box it
 
 
+def matrices_and_vectors(params):
+  return jax.tree.map(lambda p: "matrix" if p.ndim > 1 else "vector", params)
+
+
+# optax's wrappers and optax8's callable labels, as their documentation writes them: the
+# functions map over whatever tree the optimizer is given (NNX Variables here).
+WRAPPED = {
+    "partition": lambda: optax.partition(
+        {"matrix": optax8.adamw8bit(1e-2), "vector": optax.adam(1e-3)}, matrices_and_vectors),
+    "masked": lambda: optax.masked(optax8.adamw8bit(1e-2), lambda p: jax.tree.map(lambda a: a.ndim > 1, p)),
+    "callable_labels": lambda: optax8.adamw8bit(
+        1e-2, param_labels=matrices_and_vectors, overrides={"matrix": {"block_size": 64}}),
+    "percentile_clipping": lambda: optax.chain(optax8.percentile_clipping(95), optax8.adamw8bit(1e-2)),
+}
+
+
+@pytest.mark.parametrize("make_tx", WRAPPED.values(), ids=WRAPPED)
+def test_nnx_optimizer_with_optax_wrappers_and_callable_labels_trains_like_plain_optax8(make_tx):
+  model = MLP(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, x):
+    optimizer.update(model, nnx.grad(loss_fn)(model, x))
+
+  for _ in range(3):
+    train_step(model, optimizer, BATCH)
+  params, state = plain_run(make_tx(), 3)
+  assert_trees_equal(nnx.state(model, nnx.Param), params)
+  assert_trees_equal(optimizer.opt_state, state)
+  is_quantized = lambda x: isinstance(x, optax8.QuantizedArray)
+  assert any(map(is_quantized, jax.tree.leaves(nnx.as_pure(optimizer.opt_state), is_leaf=is_quantized)))
+
+
+def partitioned_dense_params():
+  import flax.linen as nn
+
+  dense = nn.Dense(512, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model")),
+                   bias_init=nn.with_partitioning(nn.initializers.zeros, ("model",)))
+  return dense, dense.init(jax.random.key(0), jnp.ones((8, 64)))["params"]
+
+
+@pytest.mark.parametrize("make_tx", WRAPPED.values(), ids=WRAPPED)
+def test_linen_train_state_of_partitioned_params_with_optax_wrappers_trains_like_unboxed_params(make_tx):
+  import flax.linen as nn
+
+  dense, params = partitioned_dense_params()
+  x = jax.random.normal(jax.random.key(1), (8, 64))
+
+  @jax.jit
+  def train_step(state):
+    grads = jax.grad(lambda p: jnp.mean((state.apply_fn({"params": p}, x) - 1.0) ** 2))(state.params)
+    return state.apply_gradients(grads=grads)
+
+  boxed = train_state.TrainState.create(apply_fn=dense.apply, params=params, tx=make_tx())
+  plain = train_state.TrainState.create(apply_fn=dense.apply, params=nn.unbox(params), tx=make_tx())
+  for _ in range(3):
+    boxed, plain = train_step(boxed), train_step(plain)
+  assert_trees_equal(nn.unbox(boxed.params), plain.params)
+  assert_trees_equal(jax.tree.leaves(nn.unbox(boxed.opt_state)), jax.tree.leaves(plain.opt_state))
+
+
+def test_convert_state_and_pickle_keep_flax_boxes():
+  import pickle
+
+  import flax.linen as nn
+
+  _, params = partitioned_dense_params()
+  tx8, tx32 = optax8.adamw8bit(1e-3), optax.adamw(1e-3)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.25), params)  # boxed, as jax.grad gives them
+  state8 = tx8.update(grads, tx8.init(params), params)[1]
+  state32 = optax8.convert_state(state8, like=tx32.init(params))
+  assert isinstance(state32[0].mu["kernel"], nn.Partitioned)
+  assert_trees_equal(nn.unbox(state32), optax8.convert_state(nn.unbox(state8), like=tx32.init(nn.unbox(params))))
+  back = optax8.convert_state(state32, like=tx8.init(params))
+  assert_trees_equal(back, state8)  # 8 -> 32 is exact, so 32 -> 8 gives the codes back
+  assert_trees_equal(pickle.loads(pickle.dumps(state8)), state8)
+  assert type(pickle.loads(pickle.dumps(state8))[0].mu["kernel"].absmax) is type(state8[0].mu["kernel"].absmax)
+  # An NNX optimizer's state, 32 to 8 bits.
+  model = MLP(nnx.Rngs(0))
+  opt32, opt8 = nnx.Optimizer(model, tx32, wrt=nnx.Param), nnx.Optimizer(model, tx8, wrt=nnx.Param)
+  converted = optax8.convert_state(opt32.opt_state, like=opt8.opt_state)
+  assert_trees_equal(converted, optax8.convert_state(nnx.as_pure(opt32.opt_state), like=nnx.as_pure(opt8.opt_state)))
+
+
+def test_an_optimizer_pickles_with_cloudpickle_and_updates_alike():
+  cloudpickle = pytest.importorskip("cloudpickle")
+  params = {"w": jnp.ones((64, 256))}
+  for tx in (optax8.adamw8bit(1e-3), optax8.sgd8bit(0.1, momentum=0.9)):
+    copy = cloudpickle.loads(cloudpickle.dumps(tx))
+    assert_trees_equal(copy.update(params, copy.init(params), params), tx.update(params, tx.init(params), params))
+
+
 def test_nnx_split_merge_donated_step_and_orbax_round_trip(tmp_path):
   tx = optax8.adamw8bit(1e-2)
 
@@ -162,6 +255,20 @@ def test_flax_serialization_round_trips_and_refuses_other_quantization_options()
   restored = serialization.from_bytes(linen_state(optax8.adam8bit(1e-3, block_wise=False), params),
                                       serialization.to_bytes(tensor_wise))
   assert_trees_equal(restored.opt_state, tensor_wise.opt_state)
+
+
+def test_flax_serialization_names_a_32_bit_checkpoint_and_reads_an_orbax_restore_without_target(tmp_path):
+  params = {"w": jnp.ones((64, 128))}
+  target = optax8.adamw8bit(1e-3).init(params)
+  with pytest.raises(ValueError, match=r"'./0/mu/w' holds an array of shape \(64, 128\).*optax8.convert_state"):
+    serialization.from_bytes(target, serialization.to_bytes(optax.adamw(1e-3).init(params)))
+  tx = optax8.scale_by_adam8bit()  # one NamedTuple (a chain's tuple comes back from Orbax as a list)
+  state = tx.update(params, tx.init(params))[1]
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", state)
+  checkpointer.wait_until_finished()
+  raw = checkpointer.restore(tmp_path / "ckpt")  # nested dicts named by the key paths
+  assert_trees_equal(serialization.from_state_dict(tx.init(params), raw), state)
 
 
 def test_orbax_refuses_a_state_saved_with_another_block_size(tmp_path):
@@ -279,3 +386,12 @@ def test_fused_step_state_round_trips_through_orbax_and_flax_serialization(tmp_p
   updates, unfused_state = jax.jit(tx.update)(grads, from_bytes, params)
   assert_trees_equal(unfused_state, want[1])
   np.testing.assert_allclose(optax.apply_updates(params, updates)["w"], want[0]["w"], rtol=1e-6, atol=1e-6)
+
+
+def test_nnx_optimizer_sharding_metadata_and_the_state_sharding_recipe_shard_the_8bit_state(tmp_path):
+  facts = run_worker(tmp_path, "nnx-recipes")
+  # 128 columns over two devices are not whole blocks: that absmax stays unsharded.
+  assert facts["optimizer_sharding"]["narrow"] == {"codes": [None, "model"], "absmax": [None, None]}
+  assert facts["optimizer_sharding"]["wide"] == {"codes": [None, "model"], "absmax": [None, "model"]}
+  assert facts["state_sharding_recipe"]["adamw"] == [[None, "model"]]
+  assert facts["state_sharding_recipe"]["adamw8bit"] == [[None, "model"], [None, "model"]]

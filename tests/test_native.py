@@ -515,6 +515,11 @@ def test_an_instruction_set_the_cpu_kernel_lacks_is_refused_with_its_name():
   assert "OPTAX8_CPU_ISA=sse9 is not one of auto, " in result.stderr, result.stderr
 
 
+def test_the_instruction_set_is_named_in_any_case_with_spaces_around():
+  assert run_with_cpu_isa(" Scalar\n", "-c", "from optax8._src import native_library; print(native_library.cpu_isa())"
+                          ).stdout.strip() == "scalar"
+
+
 def kernel_result(shape=(64, 4100)):
   assert native_library.usable()
   family, static, g, moments, scalars = leaf_case("adam", shape, block_size=256)

@@ -84,6 +84,19 @@ def test_state_takes_about_a_quarter_of_optax_adam_state():
   assert 0.25 < ratio < 0.26
 
 
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_eager_updates_compile_nothing_after_the_first_step(name, caplog):
+  tx = small_threshold(name)
+  params = {"w": jnp.ones((16, 256)), "b": jnp.ones((256,))}
+  grads, state = make_grads(params), tx.init(params)
+  updates, state = tx.update(grads, state, params)  # compiles what an eager step needs
+  with jax.log_compiles(), caplog.at_level("WARNING"):
+    for _ in range(3):
+      updates, state = tx.update(grads, state, params)
+  compiled = [r.getMessage() for r in caplog.records if "ompil" in r.getMessage()]
+  assert not compiled, compiled[:3]
+
+
 def test_jit_with_donated_state_runs_and_matches_without_donation():
   tx = optax8.adamw8bit(1e-3, min_8bit_size=1000)
   params = make_params()

@@ -196,3 +196,33 @@ def test_sharded_training_example_shrinks_the_state_each_device_holds():
   assert per_device["adamw8bit"][0] < 0.5 * per_device["adamw"][0]
   assert per_device["adamw8bit"][0] < per_device["adamw8bit"][1] / 4  # sharded, not replicated
   assert "not whole blocks" not in result.stderr
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_mesh_axis_of_size_one_naming_the_last_axis_trains_bit_identically_with_either_rounding(implementation):
+  facts = measured("idioms", implementation)
+  assert facts["size_one_axis_rounding_False"] == []
+  assert facts["size_one_axis_rounding_True"] == []
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_shard_map_keeps_the_8bit_state_of_a_parameter_whose_shards_are_below_min_8bit_size(implementation):
+  facts = measured("idioms", implementation)
+  assert facts["small_shards_8bit"]
+  assert facts["small_shards_differ"] == []
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_shard_map_refuses_to_return_as_replicated_an_absmax_its_shards_computed_apart(implementation):
+  facts = measured("idioms", implementation)
+  assert "absmax_block256 is P(None, None)" in facts["partial_blocks_in_shard_map"]
+  assert "varying over {tp}" in facts["partial_blocks_in_shard_map"]
+
+
+def test_state_sharding_of_short_specs_shards_only_what_is_shaped_like_the_parameter():
+  facts = measured("idioms", "native")
+  specs = facts["short_specs_percentile_clipping"]
+  assert specs["[0].history['w']"] == [] and specs["[0].history['v']"] == []
+  assert specs["[1][0].mu['w'].codes_signed"] == ["fsdp"] and specs["[1][0].nu['v'].absmax_block256"] == ["fsdp"]
+  # optax.adafactor's factored statistics are smaller than their parameters: replicated, not refused.
+  assert all(spec == [] for spec in facts["short_specs_adafactor"].values())

@@ -195,6 +195,7 @@ def sgd8bit(
           optax.chain(clipping.clip_by_unorm(max_unorm), optax.scale_by_learning_rate(learning_rate))
       )
     return optax.with_extra_args_support(optax.scale_by_learning_rate(learning_rate))
+  moments.check_beta("momentum", momentum)  # before trace8bit would name it `decay`
   return fused.fusable_chain(
       transform.trace8bit(
           momentum, nesterov, accumulator_dtype, **_engine_options(locals()),
@@ -312,6 +313,7 @@ def rmsprop8bit(
   rms = transform.scale_by_rms8bit(decay, eps, initial_scale, eps_in_sqrt, bias_correction, **options)
   if momentum is None:
     return fused.fusable_chain(rms, learning_rate)
+  moments.check_beta("momentum", momentum)
   # The trace shares the options and, of the overrides, the quantization options and skip_zeros;
   # its own `decay` is `momentum`, not RMS's decay, and max_unorm clips the RMS scaling's output.
   trace_overrides = overrides and {
@@ -524,6 +526,7 @@ def lars8bit(
   moments.check_non_negative("weight_decay", weight_decay)
   moments.check_non_negative("trust_coefficient", trust_coefficient)
   moments.check_non_negative("eps", eps)
+  moments.check_beta("momentum", momentum)
   return optax.chain(
       optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
       optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps),

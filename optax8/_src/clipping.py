@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax8._src import integrations
+
 __all__ = ["PercentileClippingState", "clip_by_unorm", "percentile_clipping", "unorm_clipped"]
 
 
@@ -59,9 +61,10 @@ def percentile_clipping(percentile: int = 95, history: int = 100) -> optax.Gradi
   index = min(percentile * history // 100, history - 1)
 
   def init_fn(params):
+    # One plain array per parameter: a Flax box's sharding names are for the parameter's shape.
     return PercentileClippingState(
         count=jnp.zeros([], jnp.int32),
-        history=jax.tree.map(lambda _: jnp.zeros([history], jnp.float32), params),
+        history=jax.tree.map(lambda _: jnp.zeros([history], jnp.float32), params, is_leaf=integrations.is_array_box),
     )
 
   def clip(g, ring, count):
@@ -75,11 +78,10 @@ def percentile_clipping(percentile: int = 95, history: int = 100) -> optax.Gradi
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    pairs = jax.tree.map(lambda g, ring: clip(g, ring, count), updates, state.history)
-    is_pair = lambda x: isinstance(x, tuple)
-    clipped = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
-    rings = jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
-    return clipped, PercentileClippingState(count, rings)
+    boxes, treedef = jax.tree.flatten(updates, is_leaf=integrations.is_array_box)
+    pairs = [clip(integrations.unbox(g), ring, count) for g, ring in zip(boxes, treedef.flatten_up_to(state.history))]
+    clipped = treedef.unflatten([integrations.rebox(box, g) for box, (g, _) in zip(boxes, pairs)])
+    return clipped, PercentileClippingState(count, treedef.unflatten([ring for _, ring in pairs]))
 
   return optax.GradientTransformation(init_fn, update_fn)
 

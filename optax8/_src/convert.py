@@ -19,8 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from optax8._src import integrations, transform
 from optax8._src import quantization as qz
-from optax8._src import transform
 
 __all__ = ["convert_state"]
 
@@ -40,12 +40,20 @@ def _is_8bit_state(node: Any) -> bool:
 
 
 def _moment_like(src: Any, like: Any) -> Any:
-  """``src`` (float32 values or quantized) in the layout of ``like`` (quantized or plain)."""
-  if qz.is_quantized(src):
-    src = qz.dequantize_blockwise(src)
-  if qz.is_quantized(like):
-    return qz.quantize_blockwise(src, like.block_size, signed=like.signed)
-  return jnp.asarray(src).astype(like.dtype)
+  """``src`` (float32 values or quantized) in the layout of ``like`` (quantized or plain), boxed as
+  ``like`` is (Flax boxes: linen ``nn.Partitioned``, NNX Variables)."""
+  value, target = integrations.unbox(src), integrations.unbox(like)
+  if qz.is_quantized(value):
+    value = qz.dequantize_blockwise(value)
+  if qz.is_quantized(target):
+    value = qz.quantize_blockwise(value, target.block_size, signed=target.signed)
+  else:
+    value = jnp.asarray(value).astype(target.dtype)  # like may be abstract
+  return integrations.rebox(like, value)
+
+
+def _is_moment(x: Any) -> bool:
+  return qz.is_quantized(x) or integrations.is_array_box(x)
 
 
 def _convert_node(src: Any, like: Any) -> Any:
@@ -53,9 +61,16 @@ def _convert_node(src: Any, like: Any) -> Any:
   for name in like._fields:
     if name in _COUNTS:
       count = src.count if "count" in src._fields else getattr(like, name)  # (tuple.count is a method)
-      fields[name] = jnp.asarray(count, jnp.result_type(getattr(like, name)))  # like may be abstract
+      fields[name] = _moment_like(count, getattr(like, name))
     elif name in src._fields:
-      fields[name] = jax.tree.map(_moment_like, getattr(src, name), getattr(like, name), is_leaf=qz.is_quantized)
+      src_leaves, src_def = jax.tree.flatten(getattr(src, name), is_leaf=_is_moment)
+      like_leaves, like_def = jax.tree.flatten(getattr(like, name), is_leaf=_is_moment)
+      if src_def != like_def:
+        raise ValueError(
+            f"cannot fill {type(like).__name__}.{name} from {type(src).__name__}.{name}: their trees differ, "
+            f"{src_def} and {like_def}; were the states made for the same params?"
+        )
+      fields[name] = like_def.unflatten(map(_moment_like, src_leaves, like_leaves))
     else:
       raise ValueError(f"cannot fill {type(like).__name__}.{name} from a {type(src).__name__}.")
   return type(like)(**fields)

@@ -64,8 +64,17 @@ class _Request:
 _request: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("optax8_fused_request", default=None)
 
 
+def _pending_request() -> _Request | None:
+  """The fused step's request, unless there is none or a chain has taken it.
+
+  (A function of this module, so that closures calling it pickle by value: a ContextVar cannot.)
+  """
+  request = _request.get()
+  return None if request is None or request.taken else request
+
+
 def _leaves(tree: Any) -> tuple[list[Any], Any]:
-  boxes, treedef = jax.tree.flatten(tree, is_leaf=integrations.is_box)
+  boxes, treedef = jax.tree.flatten(tree, is_leaf=integrations.is_array_box)
   return [jnp.asarray(integrations.unbox(x)) for x in boxes], treedef
 
 
@@ -124,8 +133,8 @@ def fusable_chain(
   chain = optax.chain(*parts)
 
   def update_fn(updates, state, params=None, **extra_args):
-    request = _request.get()
-    if request is None or request.taken:
+    request = _pending_request()
+    if request is None:
       return chain.update(updates, state, params, **extra_args)
     request.taken = True
     return _fused_chain(block, learning, weight_decay, mask, updates, state, request)

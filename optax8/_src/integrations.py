@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib
 import importlib.abc
 import importlib.util
 import json
@@ -66,7 +67,7 @@ from optax8._src import quantization as qz
 from optax8._src import sharding as sharding_lib
 
 __all__ = [
-    "box_like", "export_safety_checks", "is_box", "rebox", "register_export", "register_kernels",
+    "box_like", "export_safety_checks", "is_array_box", "is_box", "rebox", "register_export", "register_kernels",
     "register_serialization", "unbox",
 ]
 
@@ -93,6 +94,15 @@ def _is_instance(x: Any, cls: type | None) -> bool:
 def is_box(x: Any) -> bool:
   """Whether ``x`` is a Flax metadata box (an NNX ``Variable`` or a linen ``AxisMetadata``)."""
   return _is_instance(x, _nnx_variable_type()) or _is_instance(x, _linen_metadata_type())
+
+
+def is_array_box(x: Any) -> bool:
+  """Whether ``x`` is a box around arrays: a leaf of the trees optax8's transformations walk.
+
+  A box around an empty subtree (``optax.masked`` puts a ``MaskedNode`` in the boxes of the
+  parameters it leaves out) is walked into instead, so it has no leaves, as optax sees it.
+  """
+  return is_box(x) and bool(jax.tree.leaves(unbox(x)))
 
 
 def unbox(x: Any) -> Any:
@@ -174,10 +184,29 @@ def _absmax_names(label: str, names: tuple[Any, ...], shape: tuple[int, ...], bl
   return names if keep else names[:-1] + (None,)
 
 
-@functools.cache
+# The absmax boxes of linen's two partitioning boxes, made when first needed (Flax is imported
+# then) and found by pickle as this module's attributes (``__getattr__`` below).
+_ABSMAX_BOXES = {"AbsmaxPartitioned": "Partitioned", "AbsmaxLogicallyPartitioned": "LogicallyPartitioned"}
+
+
+def __getattr__(name: str) -> type:
+  if name in _ABSMAX_BOXES:
+    return _absmax_box(name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _absmax_partitioned(base: type) -> type:
-  """``base`` (``nn.Partitioned`` or a subclass) for an absmax, deciding its last axis when asked."""
+  """The absmax box for ``base`` (``nn.Partitioned`` or ``nn.LogicallyPartitioned``)."""
+  return _absmax_box(next(name for name, base_name in _ABSMAX_BOXES.items() if base.__name__ == base_name))
+
+
+@functools.cache
+def _absmax_box(name: str) -> type:
+  """``nn.Partitioned`` or ``nn.LogicallyPartitioned``, for an absmax, deciding its last axis when asked."""
   from flax import struct
+
+  module = "flax.core.meta" if _ABSMAX_BOXES[name] == "Partitioned" else "flax.linen.spmd"
+  base = getattr(importlib.import_module(module), _ABSMAX_BOXES[name])
 
   class AbsmaxPartitioned(base):
     """The absmax of a parameter boxed in ``nn.Partitioned``; ``names`` are the parameter's.
@@ -202,6 +231,7 @@ def _absmax_partitioned(base: type) -> type:
     def get_sharding(self, mesh: Any) -> NamedSharding:
       return NamedSharding(mesh, self._spec(mesh))
 
+  AbsmaxPartitioned.__name__ = AbsmaxPartitioned.__qualname__ = name
   return AbsmaxPartitioned
 
 
@@ -212,22 +242,26 @@ def box_like(param: Any, moment: Any, label: str) -> Any:
   if not qz.is_quantized(moment):
     return rebox(param, moment)
   codes = rebox(param, moment.codes)
+  absmax_names = functools.partial(_absmax_names, label, shape=moment.shape, block_size=moment.block_size,
+                                   mesh=_mesh_of(param, unbox(param)), rules=_rules(param))
   names = _names(param)
-  if names is None:
+  if _is_instance(param, _nnx_variable_type()):
+    # Both of a Variable's sharding names: its own, and the state's (nnx.Optimizer's optimizer_sharding).
+    metadata = param.get_metadata()
+    absmax = param.copy(moment.absmax, **{
+        key: () if moment.block_size is None else absmax_names(tuple(metadata[key]))
+        for key in ("out_sharding", "optimizer_sharding") if metadata.get(key) is not None
+    })
+  elif names is None:
     absmax = rebox(param, moment.absmax)
   elif moment.block_size is None:  # one absmax for the tensor, replicated
-    absmax = param.copy(moment.absmax, out_sharding=()) if _is_instance(param, _nnx_variable_type()) else (
-        param.replace(value=moment.absmax, names=()))
+    absmax = param.replace(value=moment.absmax, names=())
   elif type(param) in (_linen_metadata_type("Partitioned"), _linen_partitioned_type("LogicallyPartitioned")):
     fields = {f.name: getattr(param, f.name) for f in dataclasses.fields(param)} | {"value": moment.absmax}
     absmax = _absmax_partitioned(type(param))(
         **fields, param_shape=moment.shape, block_size=moment.block_size, label=label)
   else:
-    names = _absmax_names(label, names, moment.shape, moment.block_size, _mesh_of(param, unbox(param)), _rules(param))
-    if _is_instance(param, _nnx_variable_type()):
-      absmax = param.copy(moment.absmax, out_sharding=names)
-    else:
-      absmax = param.replace(value=moment.absmax, names=names)
+    absmax = param.replace(value=moment.absmax, names=absmax_names(names))
   return qz.QuantizedArray(codes, absmax, moment.block_size, moment.signed)
 
 
@@ -245,10 +279,37 @@ def _to_state_dict(q: qz.QuantizedArray) -> dict[str, Any]:
   }
 
 
+def _describe_saved(state: Any) -> str:
+  if hasattr(state, "shape") and hasattr(state, "dtype"):
+    return f"an array of shape {tuple(state.shape)} and dtype {state.dtype}"
+  return f"a {type(state).__name__}"
+
+
+def _from_key_names(state: dict[str, Any]) -> dict[str, Any]:
+  """A state dict by the key paths' names (an Orbax restore without a target: ``codes_signed``,
+  ``absmax_block256``, ...) as :func:`_to_state_dict` writes it; ``state`` if it is not one."""
+  codes = [k for k in state if k in ("codes_signed", "codes_unsigned")]
+  absmax = [k for k in state if k == "absmax_tensor" or (k.startswith("absmax_block") and k[12:].isdigit())]
+  if len(state) != 2 or len(codes) != 1 or len(absmax) != 1:
+    return state
+  return {
+      "codes": state[codes[0]], "absmax": state[absmax[0]], "signed": codes[0] == "codes_signed",
+      "block_size": None if absmax[0] == "absmax_tensor" else int(absmax[0][12:]),
+  }
+
+
 def _from_state_dict(target: qz.QuantizedArray, state: dict[str, Any]) -> qz.QuantizedArray:
   from flax import serialization
 
   path = serialization.current_path()
+  if isinstance(state, dict) and not {"codes", "absmax"} & state.keys():
+    state = _from_key_names(state)
+  if not isinstance(state, dict) or not {"codes", "absmax"} <= state.keys():
+    raise ValueError(
+        f"optax8: the state at {path!r} holds {_describe_saved(state)}, not an 8-bit moment; a 32-bit "
+        "optimizer's state restores into an optax8 optimizer's through optax8.convert_state (restore it "
+        "into the 32-bit optimizer's state first)."
+    )
   held = (state.get("block_size"), state.get("signed"))
   if held != (target.block_size, target.signed):
     raise ValueError(

@@ -54,10 +54,16 @@ def _path_label(path: tuple[Any, ...]) -> str:
   return "/".join(_key_name(k) for k in path)
 
 
-def _is_box(x: Any) -> bool:
+def _is_array_box(x: Any) -> bool:
   from optax8._src import integrations  # it imports sharding, which imports this module
 
-  return integrations.is_box(x)
+  return integrations.is_array_box(x)
+
+
+def _unbox(x: Any) -> Any:
+  from optax8._src import integrations
+
+  return integrations.unbox(x)
 
 
 def default_labels(params: Any) -> Any:
@@ -68,7 +74,7 @@ def default_labels(params: Any) -> Any:
     >>> optax8.default_labels({"embed": {"table": 0.0}, "layers": [{"w": 0.0}]})
     {'embed': {'table': 'embed/table'}, 'layers': [{'w': 'layers/0/w'}]}
   """
-  return jax.tree_util.tree_map_with_path(lambda path, _: _path_label(path), params, is_leaf=_is_box)
+  return jax.tree_util.tree_map_with_path(lambda path, _: _path_label(path), params, is_leaf=_is_array_box)
 
 
 def resolve_labels(params: Any, param_labels: LabelSpec) -> list[str]:
@@ -79,8 +85,10 @@ def resolve_labels(params: Any, param_labels: LabelSpec) -> list[str]:
     tree = param_labels(params)
   else:
     tree = param_labels
-  params_def = jax.tree.structure(params, is_leaf=_is_box)
-  labels, labels_def = jax.tree.flatten(tree, is_leaf=_is_box)
+  params_def = jax.tree.structure(params, is_leaf=_is_array_box)
+  # A callable that maps over Flax boxes (jax.tree.map over an NNX State) returns boxed labels.
+  labels, labels_def = jax.tree.flatten(tree, is_leaf=_is_array_box)
+  labels = [_unbox(label) for label in labels]
   if labels_def != params_def:
     raise ValueError(
         "param_labels must have the same tree structure as the params; got labels "

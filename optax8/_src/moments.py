@@ -274,7 +274,7 @@ def _params_for_unorm(params: Any, treedef: Any, labels: Sequence[str], options:
 
 def _param_leaves(params: Any, treedef: Any) -> tuple[list, list]:
   """The params' leaves (Flax boxes as leaves) and their unboxed arrays, checked against ``treedef``."""
-  boxes, params_def = jax.tree.flatten(params, is_leaf=integrations.is_box)
+  boxes, params_def = jax.tree.flatten(params, is_leaf=integrations.is_array_box)
   if params_def != treedef:
     raise ValueError(f"params do not match the updates' tree structure: {params_def} and {treedef}.")
   return boxes, [jnp.asarray(integrations.unbox(p)) for p in boxes]
@@ -349,7 +349,7 @@ def moment_transform(
 
   def init_fn(params):
     # Flax boxes (NNX Variables, linen Partitioned) are leaves: each moment is boxed like its parameter.
-    boxes, treedef = jax.tree.flatten(params, is_leaf=integrations.is_box)
+    boxes, treedef = jax.tree.flatten(params, is_leaf=integrations.is_array_box)
     leaves = [integrations.unbox(x) for x in boxes]
     labels, options = options_for(params)
     for label, leaf in zip(labels, leaves):
@@ -376,13 +376,13 @@ def moment_transform(
           "was the state made by another optimizer?"
       )
     # Boxed updates or state (Flax linen's TrainState) are unboxed here and reboxed on the way out.
-    g_boxes, treedef = jax.tree.flatten(updates, is_leaf=integrations.is_box)
+    g_boxes, treedef = jax.tree.flatten(updates, is_leaf=integrations.is_array_box)
     g_leaves = [jnp.asarray(integrations.unbox(g)) for g in g_boxes]
     labels, options = options_for(updates)
     moments, moment_boxes = [], []
     for field in moment_fields:
       boxes, moment_def = jax.tree.flatten(
-          getattr(state, field), is_leaf=lambda x: qz.is_quantized(x) or integrations.is_box(x)
+          getattr(state, field), is_leaf=lambda x: qz.is_quantized(x) or integrations.is_array_box(x)
       )
       leaves = [integrations.unbox(x) for x in boxes]
       if moment_def != treedef:
@@ -408,6 +408,9 @@ def moment_transform(
           )
         held = leaves[i].block_size if qz.is_quantized(leaves[i]) else FLOAT32
         expected = _layout(tuple(g.shape), options[i])
+        if held != expected and expected is FLOAT32 and sharding_lib.in_shard_map():
+          # Inside shard_map g is a shard, which may be below min_8bit_size where its parameter is not.
+          expected = _layout(tuple(g.shape), {**options[i], "min_8bit_size": 0})
         if expected is not TRACED and held != expected:
           raise ValueError(
               f"{state_cls.__name__}.{field} for {label!r} holds {_describe(held)}, but this "

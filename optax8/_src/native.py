@@ -42,6 +42,7 @@ from jax.interpreters import batching, mlir
 
 from optax8._src import native_call, native_library
 from optax8._src import quantization as qz
+from optax8._src import sharding as sharding_lib
 
 __all__ = ["get_implementation", "kernel_platforms", "leaf_update", "set_implementation"]
 
@@ -170,8 +171,9 @@ def _dispatcher(reference: Callable[..., Any], family: Any, static: tuple[tuple[
   # jax.grad transposes. The rule is traced only under differentiation.
   @jax.custom_jvp
   def dispatch(g, moments, scalars, param):
-    return jax.lax.platform_dependent(g, moments, scalars, param, **dict.fromkeys(platforms, kernel),
-                                      default=default)
+    operands, tree = jax.tree.flatten((g, moments, scalars, param))
+    operands = jax.tree.unflatten(tree, sharding_lib.varying_alike(*operands))
+    return jax.lax.platform_dependent(*operands, **dict.fromkeys(platforms, kernel), default=default)
 
   def dispatch_jvp(primals, tangents):
     return dispatch(*primals), _perturbed_jvp(reference, primals, tangents)

@@ -194,13 +194,22 @@ def _check_block_size(block_size: int | None) -> None:
 
 
 def _blocked(x: jax.Array, block_size: int) -> jax.Array:
-  """Zero-pads the last axis to whole blocks and reshapes to ``(..., blocks, block_size)``."""
+  """Zero-pads the last axis to whole blocks and reshapes to ``(..., blocks, block_size)``.
+
+  In Explicit mode the last axis's sharding goes to the blocks, as the absmax has it (where a
+  mesh axis of size 1 names it, the reshape could put it on either).
+  """
   n = x.shape[-1]
   nb = num_blocks(n, block_size)
   pad = nb * block_size - n
   if pad:
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-  return x.reshape(x.shape[:-1] + (nb, block_size))
+  sharding = jax.typeof(x).sharding
+  out = None
+  if isinstance(sharding, jax.sharding.NamedSharding) and jax.sharding.AxisType.Explicit in sharding.mesh.axis_types:
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec, None))
+  return jnp.reshape(x, x.shape[:-1] + (nb, block_size), out_sharding=out)
 
 
 def _unblocked(x: jax.Array, n: int) -> jax.Array:
@@ -319,9 +328,9 @@ def rounding_bits(seed: jax.Array, x: jax.Array) -> jax.Array:
   """Random uint32 bits per element of ``x`` for stochastic rounding: a hash of ``seed``, the
   element's index in the whole array and its float32 value.
 
-  Counter-based: the same on every backend and mesh (the index is global: XLA partitions the
-  iota), reproducible, and with no key to carry. The value's bits make the bits change from
-  step to step even where ``seed`` does not.
+  Counter-based: reproducible, with no key to carry, and the same on every backend and mesh
+  for the same ``x`` (the index is global: XLA partitions the iota). The value's bits make the
+  bits change from step to step even where ``seed`` does not.
   """
   x = jnp.asarray(x, jnp.float32)
   sharding = jax.typeof(x).sharding

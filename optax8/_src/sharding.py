@@ -34,6 +34,26 @@ Spec = NamedSharding | PartitionSpec
 _warned: set[tuple[Any, ...]] = set()
 
 
+def in_shard_map() -> bool:
+  """Whether this code is traced inside ``jax.shard_map``, which hands it shards, not whole arrays."""
+  return bool(jax.sharding.get_abstract_mesh().manual_axes)
+
+
+def varying_alike(*operands: jax.Array) -> list[jax.Array]:
+  """``operands``, each varying over every ``shard_map`` axis that any of them varies over.
+
+  A kernel's results are typed like its operands; each result depends on every operand, so
+  (as the reference's would) a new state computed from a gradient that differs between shards
+  differs too, and ``shard_map`` refuses to return it as replicated.
+  """
+  if not in_shard_map():
+    return list(operands)
+  varying = [jax.typeof(x).manual_axis_type.varying for x in operands]
+  axes = frozenset().union(*varying)
+  return [x if v == axes else jax.lax.pcast(x, tuple(sorted(axes - v)), to="varying")
+          for x, v in zip(operands, varying)]
+
+
 def named_sharding_of(x: Any) -> NamedSharding | None:
   """The ``NamedSharding`` of an array, tracer or ``ShapeDtypeStruct``, or ``None``.
 
@@ -229,11 +249,13 @@ def _is_spec(x: Any) -> bool:
   return isinstance(x, (NamedSharding, PartitionSpec))
 
 
-def _fits(leaf: Any, spec: Spec) -> bool:
-  """Whether a state leaf can take a parameter's sharding (its rank is at least the spec's)."""
-  shape = leaf.shape if qz.is_quantized(leaf) else getattr(leaf, "shape", None)
-  spec = spec.spec if isinstance(spec, NamedSharding) else spec
-  return shape is not None and len(spec) <= len(shape)
+def _spec_of(sharding: Spec) -> PartitionSpec:
+  return sharding.spec if isinstance(sharding, NamedSharding) else sharding
+
+
+def _shape(leaf: Any) -> tuple[int, ...] | None:
+  shape = getattr(leaf, "shape", None)
+  return None if shape is None else tuple(shape)
 
 
 def state_sharding(
@@ -319,7 +341,12 @@ def state_sharding(
     >>> mu["w"].codes, mu["w"].absmax, mu["b"], specs[0].count
     (P('fsdp', 'tp'), P('fsdp', 'tp'), P(), P())
   """
-  shardings, params_def = jax.tree.flatten(params_sharding, is_leaf=_is_spec)
+  from optax8._src import integrations  # it imports this module
+
+  # Flax boxes (nnx.get_partition_spec's Variables of specs, the state's boxed moments) are leaves.
+  is_box = integrations.is_array_box
+  boxed, params_def = jax.tree.flatten(params_sharding, is_leaf=lambda x: _is_spec(x) or is_box(x))
+  shardings = [integrations.unbox(x) for x in boxed]
   for x in shardings:
     if not _is_spec(x):
       raise TypeError(f"params_sharding must hold NamedShardings or PartitionSpecs, got {x!r}.")
@@ -336,9 +363,32 @@ def state_sharding(
   replicated = NamedSharding(named[0].mesh, PartitionSpec()) if named else PartitionSpec()
   labels = labels_lib.resolve_labels(params_sharding, None) if shardings else []
 
+  from optax8._src import clipping  # it imports integrations, which imports this module
+
+  is_moment = lambda x: qz.is_quantized(x) or is_box(x)
+  is_history = lambda x: isinstance(x, clipping.PercentileClippingState)  # per-parameter norms, not arrays like it
+
+  def shapes_if_params_shaped(node: Any) -> list[tuple[int, ...] | None] | None:
+    leaves, treedef = jax.tree.flatten(node, is_leaf=is_moment)
+    return [_shape(integrations.unbox(x)) for x in leaves] if treedef == params_def else None
+
+  # Each parameter's shape, as the largest of the arrays in its place in the params-shaped trees
+  # (a moment has it; factored or per-parameter statistics are smaller).
+  shape_lists: list[list[tuple[int, ...] | None]] = []
+  jax.tree.map(lambda node: shape_lists.append(shapes_if_params_shaped(node) or []), abstract_state,
+               is_leaf=lambda node: is_history(node) or is_moment(node) or shapes_if_params_shaped(node) is not None)
+  param_shapes = [
+      max((shapes[i] for shapes in shape_lists if len(shapes) == len(shardings) and shapes[i] is not None),
+          key=math.prod, default=None)
+      for i in range(len(shardings))
+  ]
+
   def is_params_shaped(node: Any) -> bool:
-    leaves, treedef = jax.tree.flatten(node, is_leaf=qz.is_quantized)
-    return treedef == params_def and all(_fits(x, s) for x, s in zip(leaves, shardings))
+    shapes = None if is_history(node) else shapes_if_params_shaped(node)
+    return shapes is not None and all(
+        shape is not None and shape == param_shape and len(_spec_of(spec)) <= len(shape)
+        for shape, param_shape, spec in zip(shapes, param_shapes, shardings)
+    )
 
   def absmax_sharding(label: str, sharding: Spec, q: qz.QuantizedArray) -> Spec:
     if isinstance(sharding, NamedSharding):
@@ -354,13 +404,17 @@ def state_sharding(
   def place(node: Any) -> Any:
     if not is_params_shaped(node):
       return jax.tree.map(lambda _: replicated, node)
-    leaves, treedef = jax.tree.flatten(node, is_leaf=qz.is_quantized)
+    leaves, treedef = jax.tree.flatten(node, is_leaf=is_moment)
+    rebox = integrations.rebox  # each sharding boxed as the state's leaf is
     return treedef.unflatten([
-        dataclasses.replace(x, codes=s, absmax=absmax_sharding(label, s, x)) if qz.is_quantized(x) else s
+        dataclasses.replace(x, codes=rebox(x.codes, s),
+                            absmax=rebox(x.absmax, absmax_sharding(label, s, integrations.unbox(x))))
+        if qz.is_quantized(x) else rebox(x, s)
         for x, s, label in zip(leaves, shardings, labels)
     ])
 
-  placed = jax.tree.map(place, abstract_state, is_leaf=lambda node: qz.is_quantized(node) or is_params_shaped(node))
+  placed = jax.tree.map(place, abstract_state,
+                        is_leaf=lambda node: is_history(node) or qz.is_quantized(node) or is_params_shaped(node))
   if memory_kind is None:
     return placed
   in_memory = lambda s: s.with_memory_kind(memory_kind)

@@ -18,6 +18,7 @@ the results the same in every program, sharded or not, and equal to the native k
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -83,12 +84,21 @@ def _as_f32(**values):
   return {k: jnp.asarray(v, f32) for k, v in values.items()}
 
 
+@functools.partial(jax.jit, inline=True)
+def _bias_correction(decay, count):
+  """``1 - decay**count``, as ``optax.tree.bias_correction`` computes it.
+
+  Jitted, as optax's is: outside ``jit`` a concrete ``count`` would make ``decay**count`` a
+  power by that constant, one new compilation per step.
+  """
+  return 1 - decay**count
+
+
 def _adam_scalars(count, *, b1, b2, eps, eps_root):
   b1, b2 = jnp.asarray(b1, f32), jnp.asarray(b2, f32)
-  # Bias corrections exactly as optax.tree.bias_correction computes them.
   return _as_f32(
       b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-      bc1=1 - b1**count, bc2=1 - b2**count, bc1_next=1 - b1 ** (count + 1),
+      bc1=_bias_correction(b1, count), bc2=_bias_correction(b2, count), bc1_next=_bias_correction(b1, count + 1),
   )
 
 
@@ -150,7 +160,7 @@ def _lion(g, moments, *, b1, b2):
 def _rms_scalars(count, *, decay, eps, initial_scale):
   del initial_scale  # only sets the initial state
   decay = jnp.asarray(decay, f32)
-  return _as_f32(decay=decay, eps=eps, bc=1 - decay**count)
+  return _as_f32(decay=decay, eps=eps, bc=_bias_correction(decay, count))
 
 
 def _rms(g, moments, *, decay, eps, bc, eps_in_sqrt, bias_correction):
@@ -190,8 +200,8 @@ def _ademamix_scalars(count, *, b1, b2, b3, alpha, eps, eps_root):
   b3 = b3(count - 1) if callable(b3) else b3
   alpha = alpha(count - 1) if callable(alpha) else alpha
   b1, b2 = jnp.asarray(b1, f32), jnp.asarray(b2, f32)
-  return _as_f32(b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps, eps_root=eps_root, bc1=1 - b1**count,
-                 bc2=1 - b2**count)
+  return _as_f32(b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps, eps_root=eps_root, bc1=_bias_correction(b1, count),
+                 bc2=_bias_correction(b2, count))
 
 
 def _ademamix(g, moments, *, b1, b2, b3, alpha, eps, eps_root, bc1, bc2):
