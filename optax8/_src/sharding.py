@@ -48,10 +48,21 @@ def varying_alike(*operands: jax.Array) -> list[jax.Array]:
   """
   if not in_shard_map():
     return list(operands)
-  varying = [jax.typeof(x).manual_axis_type.varying for x in operands]
+  varying = [_varying_axes(x) for x in operands]
   axes = frozenset().union(*varying)
-  return [x if v == axes else jax.lax.pcast(x, tuple(sorted(axes - v)), to="varying")
-          for x, v in zip(operands, varying)]
+  return [x if v == axes else _vary(x, tuple(sorted(axes - v))) for x, v in zip(operands, varying)]
+
+
+def _varying_axes(x: jax.Array) -> frozenset[str]:
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10; earlier releases call the set `vma`
+  return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def _vary(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, axes, to="varying")
+  return jax.lax.pvary(x, axes)  # JAX before 0.8
 
 
 def named_sharding_of(x: Any) -> NamedSharding | None:
