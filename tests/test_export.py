@@ -121,8 +121,12 @@ def test_call_with_another_block_size_is_refused():
         (optax8.lars8bit(1e-3), ["optax8.Trace8bitState", "optax.MaskedState"]),
         (optax.chain(optax8.percentile_clipping(), optax8.adamw8bit(optax.linear_schedule(1e-3, 0.0, 10))),
          ["optax8.PercentileClippingState", "optax.ScaleByScheduleState"]),
+        (optax.inject_hyperparams(optax8.adamw8bit)(learning_rate=optax.linear_schedule(1e-3, 0.0, 10)),
+         ["optax.InjectStatefulHyperparamsState", "optax.WrappedScheduleState"]),
+        (optax.MultiSteps(optax8.adamw8bit(1e-3), 4).gradient_transformation(), ["optax.MultiStepsState"]),
+        (optax.apply_if_finite(optax8.adamw8bit(1e-3), 3), ["optax.ApplyIfFiniteState"]),
     ],
-    ids=["adam", "ademamix", "lion", "rmsprop", "adagrad", "lars", "clipping"],
+    ids=["adam", "ademamix", "lion", "rmsprop", "adagrad", "lars", "clipping", "inject", "multisteps", "if_finite"],
 )
 def test_every_state_type_serializes_under_its_stable_name(tx, names):
   state = tx.init({"w": jnp.zeros((64, 300)), "b": jnp.zeros((300,))})

@@ -142,3 +142,19 @@ def test_extreme_gradients_and_shapes_give_no_nan_the_32bit_optimizer_avoids(nam
           # Same inputs so far: the only error is one quantization, under 1% of the row's peak.
           bound = 0.01 * np.abs(m32).max(axis=-1, keepdims=True) if m32.ndim else 0.01 * np.abs(m32)
           assert np.all(np.abs(np.asarray(m) - m32) <= bound), (field, key)
+
+
+def test_convert_state_pairs_chains_that_differ_in_stateless_steps_and_refuses_other_shapes():
+  params = {"w": jnp.ones((64, 256))}
+  grads = {"w": jnp.linspace(-1.0, 1.0, 64 * 256).reshape(64, 256)}
+  # optax.rmsprop and optax.sgd end in an identity (no momentum) that optax8's aliases lack.
+  for tx32, tx8 in [(optax.rmsprop(1e-3), optax8.rmsprop8bit(1e-3)), (optax.sgd(1e-2), optax8.sgd8bit(1e-2))]:
+    state32 = tx32.update(grads, tx32.init(params), params)[1]
+    state8 = optax8.convert_state(state32, like=tx8.init(params))
+    assert jax.tree.structure(state8) == jax.tree.structure(tx8.init(params))
+    back = optax8.convert_state(state8, like=state32)
+    assert jax.tree.structure(back) == jax.tree.structure(state32)
+    for a, b in zip(jax.tree.leaves(state32), jax.tree.leaves(back)):
+      np.testing.assert_allclose(b, a, atol=0.01 * float(jnp.abs(a).max()))
+  with pytest.raises(ValueError, match=r"shape \(32, 256\) into one of shape \(64, 256\)"):
+    optax8.convert_state(optax.adamw(1e-3).init({"w": jnp.ones((32, 256))}), like=optax8.adamw8bit(1e-3).init(params))

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from optax8._src import integrations, transform
 from optax8._src import quantization as qz
@@ -43,6 +44,11 @@ def _moment_like(src: Any, like: Any) -> Any:
   """``src`` (float32 values or quantized) in the layout of ``like`` (quantized or plain), boxed as
   ``like`` is (Flax boxes: linen ``nn.Partitioned``, NNX Variables)."""
   value, target = integrations.unbox(src), integrations.unbox(like)
+  if tuple(jnp.shape(value)) != tuple(jnp.shape(target)):
+    raise ValueError(
+        f"cannot convert a moment of shape {tuple(jnp.shape(value))} into one of shape {tuple(jnp.shape(target))}; "
+        "were the two states made for the same params?"
+    )
   if qz.is_quantized(value):
     value = qz.dequantize_blockwise(value)
   if qz.is_quantized(target):
@@ -76,15 +82,31 @@ def _convert_node(src: Any, like: Any) -> Any:
   return type(like)(**fields)
 
 
+def _is_empty(state: Any) -> bool:
+  return isinstance(state, optax.EmptyState)
+
+
 def _walk(src: Any, like: Any, path: str) -> Any:
   if _is_8bit_state(src) or _is_8bit_state(like):
     return _convert_node(src, like)
   if isinstance(like, tuple) and isinstance(src, tuple):
+    # Entries pair up in order, but for stateless steps one chain has and the other lacks
+    # (optax.rmsprop ends in an identity where optax8's rmsprop8bit does not).
+    entries, slots = list(src), range(len(like))
     if len(src) != len(like):
-      raise ValueError(f"states differ at {path or 'the top'}: {len(src)} vs {len(like)} entries.")
-    items = [_walk(s, t, f"{path}[{i}]") for i, (s, t) in enumerate(zip(src, like))]
+      entries = [s for s in src if not _is_empty(s)]
+      slots = [i for i, t in enumerate(like) if not _is_empty(t)]
+      if len(entries) != len(slots):
+        raise ValueError(
+            f"states differ at {path or 'the top'}: a {type(src).__name__} of {len(entries)} stateful entries "
+            f"against a {type(like).__name__} of {len(slots)}; were both optimizers built the same way?"
+        )
+    items = list(like)
+    for i, s in zip(slots, entries):
+      items[i] = _walk(s, like[i], f"{path}[{i}]")
     return type(like)(*items) if hasattr(like, "_fields") else type(like)(items)
   if isinstance(like, dict) and isinstance(src, dict):
+    # Keys only one side has (hyperparameters one of two injected optimizers lacks) keep like's.
     return {k: _walk(src[k], v, f"{path}[{k!r}]") if k in src else v for k, v in like.items()}
   return src
 

@@ -277,7 +277,11 @@ def fused(tx: optax.GradientTransformation) -> FusedStep:
     0.989
   """
   if not isinstance(tx, optax.GradientTransformation):
-    raise TypeError(f"optax8.fused takes an optax GradientTransformation, got {type(tx).__name__}.")
+    raise TypeError(
+        f"optax8.fused takes an optax GradientTransformation, got {type(tx).__name__}"
+        + (" (gradient accumulation cannot be fused: the parameters change only every k steps)"
+           if isinstance(tx, optax.MultiSteps) else "") + "."
+    )
   plan = _plan(tx.update)
   unclipped = (jnp.ones([], f32), jnp.ones([], f32))
 

@@ -20,9 +20,10 @@ stable names: :class:`~optax8.QuantizedArray` as ``"optax8.QuantizedArray"`` (it
 ``block_size`` and ``signed`` in the auxdata), each optimizer state as
 ``"optax8.<TypeName>"`` (``"optax8.ScaleByAdam8bitState"``, ...,
 ``"optax8.PercentileClippingState"``), and the optax states that optax8's optimizers hold
-(``optax.EmptyState``, ``optax.MaskedState``, ``optax.ScaleByScheduleState``) as
-``"optax.<TypeName>"`` unless already registered. Other optax states in a signature (such as
-``optax.inject_hyperparams``'s) need ``jax.export.register_namedtuple_serialization``.
+(``optax.EmptyState``, ``optax.MaskedState``, ``optax.ScaleByScheduleState``) and those of the
+wrappers its documentation uses (``optax.inject_hyperparams``', schedules' included,
+``optax.MultiSteps``', ``optax.apply_if_finite``'s) as ``"optax.<TypeName>"`` unless already registered. Other optax
+states in a signature need ``jax.export.register_namedtuple_serialization``.
 
 An update that runs on the native kernel lowers to the custom call ``optax8.update.v1``, which
 ``jax.export`` serializes only when told to (:func:`export_safety_checks`). The kernel is used
@@ -363,8 +364,17 @@ def register_serialization() -> None:
 
 # jax.export
 
-# The optax states in optax8's optimizers (the last two with a mask or a schedule).
-_OPTAX_STATES = (optax.EmptyState, optax.MaskedState, optax.ScaleByScheduleState)
+# The optax states in optax8's optimizers (the last two with a mask or a schedule), and in the
+# wrappers the README uses (by name: optax releases differ in which they have).
+_OPTAX_STATES = (optax.EmptyState, optax.MaskedState, optax.ScaleByScheduleState) + tuple(
+    getattr(optax, name) for name in ("InjectHyperparamsState", "InjectStatefulHyperparamsState", "MultiStepsState",
+                                      "ApplyIfFiniteState") if hasattr(optax, name))
+
+
+def _schedule_states() -> tuple[type, ...]:
+  """The state ``optax.inject_hyperparams`` keeps for a schedule, a type optax does not export."""
+  state = getattr(sys.modules.get("optax.schedules._inject"), "WrappedScheduleState", None)
+  return () if state is None else (state,)
 
 
 def export_safety_checks() -> list[jax.export.DisabledSafetyCheck]:
@@ -456,6 +466,6 @@ def register_export() -> None:
         from_children=lambda auxdata, children: qz.QuantizedArray(*children, *auxdata),
     )
   names = [(state, f"optax8.{state.__name__}") for state in states]
-  for state, name in names + [(state, f"optax.{state.__name__}") for state in _OPTAX_STATES]:
-    with contextlib.suppress(ValueError):
+  for state, name in names + [(state, f"optax.{state.__name__}") for state in _OPTAX_STATES + _schedule_states()]:
+    with contextlib.suppress(ValueError, TypeError):
       jax.export.register_namedtuple_serialization(state, serialized_name=name)

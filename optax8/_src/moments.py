@@ -373,7 +373,8 @@ def moment_transform(
     if not isinstance(state, state_cls):
       raise TypeError(
           f"{family.name}: expected a {state_cls.__name__} state, got {type(state).__name__}; "
-          "was the state made by another optimizer?"
+          "was the state made by another optimizer, or are the arguments in another order (tx.update(updates, "
+          "state, params), optax8.fused(tx).step(params, state, grads))?"
       )
     # Boxed updates or state (Flax linen's TrainState) are unboxed here and reboxed on the way out.
     g_boxes, treedef = jax.tree.flatten(updates, is_leaf=integrations.is_array_box)

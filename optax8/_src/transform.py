@@ -229,7 +229,9 @@ def trace8bit(
     optim_bits: 8 (default), or 32 for a float32 trace everywhere.
     block_size: quantization block size along the last axis (default 256).
     min_8bit_size: parameters with fewer elements keep a float32 trace (default 4096).
-    overrides: per-label options: ``optim_bits``, ``block_size``, ``min_8bit_size``, ``decay``.
+    block_wise, stochastic_rounding, skip_zeros, max_unorm: see :func:`optax8.scale_by_adam8bit`.
+    overrides: per-label options: ``optim_bits``, ``block_size``, ``min_8bit_size``, ``block_wise``,
+      ``stochastic_rounding``, ``skip_zeros``, ``max_unorm``, ``decay``.
     param_labels: labels tree or callable (default: tree paths).
 
   Returns:
