@@ -67,6 +67,15 @@ def test_state_of_another_optimizer_raises():
     optax8.scale_by_adam8bit().update(params, optax.trace(0.9).init(params))
 
 
+def test_arguments_in_another_order_and_unfusable_accumulation_say_so():
+  params = {"w": jnp.zeros((64, 256))}
+  fused = optax8.fused(optax8.adam8bit(1e-3))
+  with pytest.raises(TypeError, match=r"arguments in another order .*fused\(tx\).step\(params, state, grads\)"):
+    fused.step(fused.init(params), params, params)
+  with pytest.raises(TypeError, match="gradient accumulation cannot be fused"):
+    optax8.fused(optax.MultiSteps(optax8.adam8bit(1e-3), 4))
+
+
 def test_state_with_another_block_size_raises():
   params = {"w": jnp.zeros((4, 512))}
   state = optax8.scale_by_adam8bit(min_8bit_size=0, block_size=128).init(params)

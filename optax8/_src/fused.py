@@ -96,6 +96,12 @@ def _decay_per_leaf(weight_decay: Any, mask: Any, params: Any, count: int) -> li
 def _fused_chain(block: optax.GradientTransformationExtraArgs, learning: optax.GradientTransformation,
                  weight_decay: Any, mask: Any, grads: Any, state: tuple, request: _Request) -> tuple[Any, tuple]:
   """``chain(block, [add_decayed_weights], learning)``'s update and ``apply_updates`` in one step."""
+  entries = 2 + (weight_decay is not None)
+  if not isinstance(state, tuple) or len(state) != entries:
+    raise TypeError(
+        f"optax8.fused: expected the fused chain's state (a tuple of {entries}), got a {type(state).__name__}; "
+        "are the arguments in another order (optax8.fused(tx).step(params, state, grads))?"
+    )
   block_state, *decay_state, learning_state = state
   g_leaves, treedef = _leaves(grads)
   # The learning-rate transformation scales each update by one scalar, in the update's dtype
