@@ -204,12 +204,12 @@ def _blocked(x: jax.Array, block_size: int) -> jax.Array:
   pad = nb * block_size - n
   if pad:
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+  shape = x.shape[:-1] + (nb, block_size)
   sharding = jax.typeof(x).sharding
-  out = None
   if isinstance(sharding, jax.sharding.NamedSharding) and jax.sharding.AxisType.Explicit in sharding.mesh.axis_types:
     spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-    out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec, None))
-  return jnp.reshape(x, x.shape[:-1] + (nb, block_size), out_sharding=out)
+    return jnp.reshape(x, shape, out_sharding=sharding.update(spec=jax.sharding.PartitionSpec(*spec, None)))
+  return jnp.reshape(x, shape)
 
 
 def _unblocked(x: jax.Array, n: int) -> jax.Array:
