@@ -196,11 +196,6 @@ def __getattr__(name: str) -> type:
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _absmax_partitioned(base: type) -> type:
-  """The absmax box for ``base`` (``nn.Partitioned`` or ``nn.LogicallyPartitioned``)."""
-  return _absmax_box(next(name for name, base_name in _ABSMAX_BOXES.items() if base.__name__ == base_name))
-
-
 @functools.cache
 def _absmax_box(name: str) -> type:
   """``nn.Partitioned`` or ``nn.LogicallyPartitioned``, for an absmax, deciding its last axis when asked."""
@@ -259,7 +254,7 @@ def box_like(param: Any, moment: Any, label: str) -> Any:
     absmax = param.replace(value=moment.absmax, names=())
   elif type(param) in (_linen_metadata_type("Partitioned"), _linen_partitioned_type("LogicallyPartitioned")):
     fields = {f.name: getattr(param, f.name) for f in dataclasses.fields(param)} | {"value": moment.absmax}
-    absmax = _absmax_partitioned(type(param))(
+    absmax = _absmax_box("Absmax" + type(param).__name__)(
         **fields, param_shape=moment.shape, block_size=moment.block_size, label=label)
   else:
     absmax = param.replace(value=moment.absmax, names=absmax_names(names))

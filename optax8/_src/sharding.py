@@ -385,12 +385,11 @@ def state_sharding(
 
   # Each parameter's shape, as the largest of the arrays in its place in the params-shaped trees
   # (a moment has it; factored or per-parameter statistics are smaller).
-  shape_lists: list[list[tuple[int, ...] | None]] = []
-  jax.tree.map(lambda node: shape_lists.append(shapes_if_params_shaped(node) or []), abstract_state,
-               is_leaf=lambda node: is_history(node) or is_moment(node) or shapes_if_params_shaped(node) is not None)
+  candidate = lambda node: is_history(node) or is_moment(node) or shapes_if_params_shaped(node) is not None
+  nodes = jax.tree.leaves(abstract_state, is_leaf=candidate)
+  shape_lists = [shapes for node in nodes if not is_history(node) and (shapes := shapes_if_params_shaped(node))]
   param_shapes = [
-      max((shapes[i] for shapes in shape_lists if len(shapes) == len(shardings) and shapes[i] is not None),
-          key=math.prod, default=None)
+      max((shapes[i] for shapes in shape_lists if shapes[i] is not None), key=math.prod, default=None)
       for i in range(len(shardings))
   ]
 
